@@ -10,6 +10,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use time::macros::datetime;
 
 fn event_json(i: usize) -> String {
+    let failed = i.is_multiple_of(7);
     let code = "import numpy as np\nx = np.arange(10)\nprint(x.sum())\n".repeat(8);
     serde_json::json!({
         "eventId": format!("0b3c4f9e-8a61-4f5e-9c47-{i:012x}"),
@@ -25,8 +26,8 @@ fn event_json(i: usize) -> String {
         "cellType": "code",
         "code": code,
         "executionCount": 7,
-        "hasError": i % 7 == 0,
-        "errorMessage": if i % 7 == 0 { Some("NameError: name 'x' is not defined") } else { None },
+        "hasError": failed,
+        "errorMessage": if failed { Some("NameError: name 'x' is not defined") } else { None },
         "result": "45",
         "executionDurationMs": 12.5
     })
