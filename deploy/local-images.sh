@@ -83,7 +83,10 @@ derive() { # image, then --change arguments
   local image=$1 cid
   shift
   cid=$(docker create "$BASE" /bin/true)
-  docker commit "$@" "$cid" "$image" >/dev/null
+  if ! docker commit "$@" "$cid" "$image" >/dev/null; then
+    docker rm "$cid" >/dev/null
+    return 1
+  fi
   docker rm "$cid" >/dev/null
   log "built $image"
 }
