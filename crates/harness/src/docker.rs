@@ -157,8 +157,10 @@ impl Docker {
         Ok(removed)
     }
 
-    /// How many harness containers exist (any state, any owner).
-    pub async fn count_harness_containers(&self) -> Result<usize, DockerError> {
+    /// The labels of every harness container (any state, any owner).
+    pub async fn list_harness_containers(
+        &self,
+    ) -> Result<Vec<HashMap<String, String>>, DockerError> {
         let filters = HashMap::from([("label".to_owned(), vec![LABEL.to_owned()])]);
         let list = self
             .client
@@ -169,7 +171,10 @@ impl Docker {
             }))
             .await
             .map_err(call("list"))?;
-        Ok(list.len())
+        Ok(list
+            .into_iter()
+            .map(|c| c.labels.unwrap_or_default())
+            .collect())
     }
 
     async fn remove(&self, id: &str) -> Result<(), DockerError> {

@@ -112,7 +112,7 @@ async fn up(env_file: Option<PathBuf>) -> anyhow::Result<()> {
         env.push_str(&format!("{var}={}\n", stack.backend(kind).url()));
     }
     if let Some(path) = env_file {
-        std::fs::write(&path, &env)?;
+        supervise::write_atomically(&path, &env)?;
     }
     {
         use std::io::Write as _;

@@ -131,7 +131,8 @@ pub async fn serve(
     Ok(())
 }
 
-fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {
+/// Writes `contents` so that readers see all of it or nothing.
+pub fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {
     let mut tmp = PathBuf::from(path);
     tmp.set_extension("partial");
     std::fs::write(&tmp, contents)?;
@@ -146,7 +147,7 @@ pub async fn cleanup(wait: Duration) -> anyhow::Result<usize> {
     let deadline = Instant::now() + wait;
     loop {
         docker.sweep_orphans().await?;
-        let left = docker.count_harness_containers().await?;
+        let left = docker.list_harness_containers().await?.len();
         if left == 0 || Instant::now() >= deadline {
             return Ok(left);
         }

@@ -1,0 +1,70 @@
+//! `harness up` as a person uses it: it prints working URLs, and Ctrl-C
+//! (SIGINT) stops it and removes its containers.
+
+use std::time::Duration;
+
+use cellmon_harness::backend::BackendKind;
+use cellmon_harness::docker::{Docker, LABEL, OWNER_LABEL};
+use tokio::process::Command;
+
+#[tokio::test]
+async fn up_prints_working_urls_and_ctrl_c_removes_the_backends() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("harness-up-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let env_file = dir.join("backends.env");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .arg("up")
+        .arg("--env-file")
+        .arg(&env_file)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().expect("running child");
+
+    let env = cellmon_harness::eventually(Duration::from_secs(120), || async {
+        Ok(std::fs::read_to_string(&env_file)?)
+    })
+    .await?;
+    let url = |name: &str| -> anyhow::Result<String> {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("CELLMON_{name}_URL=")))
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("no {name} URL in {env}"))
+    };
+    // Every printed URL answers a real request.
+    for kind in BackendKind::ALL {
+        let url = url(&kind.name().to_uppercase())?;
+        let addr = url
+            .split("://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|authority| authority.rsplit('@').next())
+            .ok_or_else(|| anyhow::anyhow!("unexpected URL {url}"))?
+            .parse()?;
+        kind.probe(addr).await?;
+    }
+    let docker = Docker::connect().await?;
+    assert_eq!(owned_by(&docker, pid).await?, 3);
+
+    // Ctrl-C: a clean exit, and nothing left behind.
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .await?;
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
+    assert!(exit.success(), "harness up exited with {exit}");
+    assert_eq!(owned_by(&docker, pid).await?, 0);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+async fn owned_by(docker: &Docker, pid: u32) -> anyhow::Result<usize> {
+    let owned = docker.list_harness_containers().await?;
+    Ok(owned
+        .iter()
+        .filter(|labels| {
+            labels.get(OWNER_LABEL) == Some(&pid.to_string()) && labels.contains_key(LABEL)
+        })
+        .count())
+}
