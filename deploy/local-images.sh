@@ -24,6 +24,16 @@ INFLUX_IMAGE="cellmon-local/influxdb:1-${RECIPE}"
 
 log() { printf 'local-images: %s\n' "$*" >&2; }
 
+# The temporary root file system, removed on any exit (success, failure, or
+# a `set -e` abort half-way through).
+ROOTFS=""
+cleanup() {
+  if [ -n "$ROOTFS" ]; then
+    rm -rf "$ROOTFS"
+  fi
+}
+trap cleanup EXIT
+
 have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
 print_env() {
@@ -39,12 +49,11 @@ build_base() {
     apt-get update -q >/dev/null
     apt-get install -y -q debootstrap >/dev/null
   fi
-  local rootfs
-  rootfs=$(mktemp -d /var/tmp/cellmon-rootfs.XXXXXX)
+  ROOTFS=$(mktemp -d /var/tmp/cellmon-rootfs.XXXXXX)
+  local rootfs=$ROOTFS
   # mktemp makes the directory 0700; as the image's / it would lock out every
   # user but root (postgres among them).
   chmod 0755 "$rootfs"
-  trap 'rm -rf "$rootfs"' RETURN
   log "debootstrap $SUITE into $rootfs (about 2 minutes)"
   debootstrap --variant=minbase \
     --include="postgresql-${PG_MAJOR},redis-server,influxdb,ca-certificates" \
@@ -77,6 +86,8 @@ SH
 
   log "importing base image $BASE"
   tar -C "$rootfs" -c . | docker import - "$BASE" >/dev/null
+  rm -rf "$rootfs"
+  ROOTFS=""
 }
 
 derive() { # image, then --change arguments

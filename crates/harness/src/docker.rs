@@ -23,6 +23,19 @@ use bollard::query_parameters::{
 pub const LABEL: &str = "cellmon.harness";
 /// The process id of the process that owns the container.
 pub const OWNER_LABEL: &str = "cellmon.owner-pid";
+/// Where that process id means something: the boot and the PID namespace.
+/// An engine shared between hosts or containers never sees another's
+/// containers swept because a pid happens not to exist here.
+pub const OWNER_HOST_LABEL: &str = "cellmon.owner-host";
+
+/// This boot and PID namespace, as the value of [`OWNER_HOST_LABEL`].
+pub fn owner_host() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!("{}/{pid_ns}", boot.trim())
+}
 
 /// Errors talking to the Docker engine.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +99,7 @@ impl Docker {
         let labels = HashMap::from([
             (LABEL.to_owned(), spec.role.to_owned()),
             (OWNER_LABEL.to_owned(), std::process::id().to_string()),
+            (OWNER_HOST_LABEL.to_owned(), owner_host()),
         ]);
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
@@ -128,8 +142,9 @@ impl Docker {
         Ok(container)
     }
 
-    /// Removes harness containers whose owning process is gone (a test run
-    /// that was killed before it could clean up). Returns how many.
+    /// Removes harness containers whose owning process, on this host, is
+    /// gone (a test run that was killed before it could clean up). Returns
+    /// how many. A container that vanishes meanwhile is not an error.
     pub async fn sweep_orphans(&self) -> Result<usize, DockerError> {
         let filters = HashMap::from([("label".to_owned(), vec![LABEL.to_owned()])]);
         let list = self
@@ -141,17 +156,23 @@ impl Docker {
             }))
             .await
             .map_err(call("list"))?;
+        let here = owner_host();
         let mut removed = 0;
         for summary in list {
-            let owner = summary
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(OWNER_LABEL))
+            let labels = summary.labels.unwrap_or_default();
+            if labels.get(OWNER_HOST_LABEL) != Some(&here) {
+                continue;
+            }
+            let owner = labels
+                .get(OWNER_LABEL)
                 .and_then(|pid| pid.parse::<u32>().ok());
-            let alive = owner.is_some_and(process_alive);
-            if let (false, Some(id)) = (alive, summary.id) {
-                self.remove(&id).await?;
-                removed += 1;
+            if owner.is_some_and(process_alive) {
+                continue;
+            }
+            let Some(id) = summary.id else { continue };
+            match self.remove(&id).await {
+                Ok(()) => removed += 1,
+                Err(error) => tracing::debug!(%error, container = %id, "sweep: already gone"),
             }
         }
         Ok(removed)

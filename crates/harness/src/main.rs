@@ -105,7 +105,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn up(env_file: Option<PathBuf>) -> anyhow::Result<()> {
     let docker = Docker::connect().await?;
     eprintln!("starting postgres, redis and influxdb ...");
-    let stack = Stack::start(&docker).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // A signal during start-up drops the half-started stack, which removes
+    // whatever containers it had created.
+    let stack = tokio::select! {
+        stack = Stack::start(&docker) => stack?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted during start-up; backends removed");
+            return Ok(());
+        }
+        _ = terminate.recv() => {
+            eprintln!("terminated during start-up; backends removed");
+            return Ok(());
+        }
+    };
     let mut env = String::new();
     for kind in BackendKind::ALL {
         let var = format!("CELLMON_{}_URL", kind.name().to_uppercase());
@@ -120,7 +133,6 @@ async fn up(env_file: Option<PathBuf>) -> anyhow::Result<()> {
         writeln!(out, "{env}")?;
         writeln!(out, "ready; press Ctrl-C to stop and remove the backends")?;
     }
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}

@@ -45,12 +45,6 @@ pub enum Fault {
     ByteLimit(u64),
 }
 
-impl Fault {
-    fn kills(self) -> bool {
-        matches!(self, Self::Down | Self::Reset)
-    }
-}
-
 #[derive(Debug, Default)]
 struct Counters {
     accepted: AtomicU64,
@@ -204,11 +198,15 @@ async fn serve(client: TcpStream, target: SocketAddr, mut faults: watch::Receive
             &passed,
         );
         tokio::pin!(to_upstream, to_client);
-        // Each direction ends on its own (half-close); a reset from either,
-        // or a kill fault, ends the whole connection at once.
+        // Each direction ends on its own (half-close). A fault that kills
+        // connections, or a reset from either side, ends the whole
+        // connection at once; `biased` checks the fault first, so a Reset is
+        // never mistaken for a clean close when both are ready together.
         let (mut upstream_done, mut client_done) = (false, false);
         loop {
             tokio::select! {
+                biased;
+                end = killed(&mut faults) => break Some(end),
                 end = &mut to_upstream, if !upstream_done => {
                     if end.is_some() { break end; }
                     upstream_done = true;
@@ -217,7 +215,6 @@ async fn serve(client: TcpStream, target: SocketAddr, mut faults: watch::Receive
                     if end.is_some() { break end; }
                     client_done = true;
                 }
-                end = killed(&mut faults) => break Some(end),
             }
             if upstream_done && client_done {
                 break None;
@@ -245,7 +242,8 @@ async fn killed(faults: &mut watch::Receiver<Fault>) -> End {
 }
 
 /// Copies one direction, applying the current fault to every chunk.
-/// Returns `Some(End::Reset)` when a byte limit ended the connection.
+/// Returns `None` when this direction ended cleanly (EOF), or how the whole
+/// connection must end (a kill fault, a byte limit, a reset from the peer).
 async fn pump<R, W>(
     from: &mut R,
     to: &mut W,
@@ -258,18 +256,24 @@ where
 {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        if !wait_while_hung(&mut faults).await {
-            return None;
+        if let Some(end) = wait_while_hung(&mut faults).await {
+            return Some(end);
         }
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => {
+            Ok(0) => {
+                // A frozen link passes no FIN either: hold the close too.
+                if let Some(end) = wait_while_hung(&mut faults).await {
+                    return Some(end);
+                }
                 let _ = to.shutdown().await;
                 return None;
             }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(End::Reset),
+            Err(_) => return Some(End::Close),
             Ok(n) => n,
         };
-        if !wait_while_hung(&mut faults).await {
-            return None;
+        if let Some(end) = wait_while_hung(&mut faults).await {
+            return Some(end);
         }
         let fault = *faults.borrow();
         let mut chunk = &buf[..n];
@@ -281,29 +285,30 @@ where
                     let allowed = usize::try_from(limit.saturating_sub(before)).unwrap_or(0);
                     chunk = &chunk[..allowed.min(n)];
                     let _ = to.write_all(chunk).await;
+                    let _ = to.flush().await;
                     return Some(End::Reset);
                 }
             }
             _ => {}
         }
         if to.write_all(chunk).await.is_err() {
-            return None;
+            return Some(End::Reset);
         }
     }
 }
 
-/// Blocks while the fault is `Hang`. False when the connection must end.
-async fn wait_while_hung(faults: &mut watch::Receiver<Fault>) -> bool {
+/// Waits while the fault is `Hang`; then `None` to go on, or how the
+/// connection must end when the fault kills connections.
+async fn wait_while_hung(faults: &mut watch::Receiver<Fault>) -> Option<End> {
     loop {
-        let fault = *faults.borrow_and_update();
-        if fault.kills() {
-            return false;
-        }
-        if fault != Fault::Hang {
-            return true;
+        match *faults.borrow_and_update() {
+            Fault::Down => return Some(End::Close),
+            Fault::Reset => return Some(End::Reset),
+            Fault::Hang => {}
+            _ => return None,
         }
         if faults.changed().await.is_err() {
-            return false;
+            return Some(End::Close);
         }
     }
 }
@@ -347,19 +352,88 @@ mod tests {
         assert_eq!(proxy.accepted(), 1);
     }
 
+    async fn open_connection(proxy: &FaultProxy) -> TcpStream {
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        s
+    }
+
+    async fn read_outcome(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+                Ok(Ok(0)) => return Ok(got),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+    }
+
     #[tokio::test]
-    async fn byte_limit_cuts_the_connection() {
+    async fn byte_limit_passes_exactly_the_limit_then_resets() {
         let proxy = FaultProxy::start(echo().await).await.unwrap();
         proxy.set_fault(Fault::ByteLimit(6));
         let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
         s.write_all(b"ping").await.unwrap();
-        let mut buf = [0u8; 4];
-        // 4 bytes out plus 2 back fit the limit; the rest does not arrive.
-        let got = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await;
-        assert!(
-            matches!(got, Ok(Err(_))),
-            "expected a cut connection, got {got:?}"
+        // 4 bytes out and 2 of the echo back fit in 6; then a reset.
+        let mut first = [0u8; 2];
+        s.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"pi");
+        let rest = read_outcome(&mut s).await;
+        assert_eq!(
+            rest.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
         );
+    }
+
+    #[tokio::test]
+    async fn reset_sends_rst_on_open_connections() {
+        let proxy = FaultProxy::start(echo().await).await.unwrap();
+        let mut s = open_connection(&proxy).await;
+        proxy.set_fault(Fault::Reset);
+        assert_eq!(
+            read_outcome(&mut s).await.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+    }
+
+    #[tokio::test]
+    async fn down_closes_open_connections_cleanly() {
+        let proxy = FaultProxy::start(echo().await).await.unwrap();
+        let mut s = open_connection(&proxy).await;
+        proxy.set_fault(Fault::Down);
+        assert_eq!(read_outcome(&mut s).await.unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn reset_wins_over_a_hang() {
+        let proxy = FaultProxy::start(echo().await).await.unwrap();
+        let mut s = open_connection(&proxy).await;
+        proxy.set_fault(Fault::Hang);
+        s.write_all(b"held").await.unwrap();
+        proxy.set_fault(Fault::Reset);
+        assert_eq!(
+            read_outcome(&mut s).await.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+    }
+
+    #[tokio::test]
+    async fn hang_holds_data_and_close_until_cleared() {
+        let proxy = FaultProxy::start(echo().await).await.unwrap();
+        let mut s = open_connection(&proxy).await;
+        proxy.set_fault(Fault::Hang);
+        s.write_all(b"late").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut buf = [0u8; 4];
+        let early = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await;
+        assert!(early.is_err(), "something passed a hung proxy: {early:?}");
+        proxy.clear();
+        assert_eq!(read_outcome(&mut s).await.unwrap(), b"late");
     }
 
     #[tokio::test]

@@ -65,7 +65,11 @@ pub async fn setup() -> anyhow::Result<()> {
             anyhow::bail!("backend supervisor exited with {status} before it was ready:\n{log}");
         }
         if started.elapsed() > START_TIMEOUT {
-            let _ = child.kill();
+            // SIGTERM lets the supervisor remove what it started.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
             anyhow::bail!(
                 "backends not ready after {START_TIMEOUT:?}; see {}",
                 log_file.display()
@@ -98,7 +102,14 @@ pub async fn serve(
     log_file: Option<&Path>,
 ) -> anyhow::Result<()> {
     let docker = Docker::connect().await?;
-    let stack = Stack::start(&docker).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // A signal during start-up drops the half-started stack, which removes
+    // whatever containers it had created.
+    let stack = tokio::select! {
+        stack = Stack::start(&docker) => stack?,
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+        _ = terminate.recv() => return Ok(()),
+    };
     let mut env = String::new();
     for (kind, var) in SHARED_ADDR_VARS {
         env.push_str(&format!(
@@ -109,7 +120,6 @@ pub async fn serve(
     write_atomically(ready_file, &env)?;
     tracing::info!(watch_pid, "backends ready; waiting for the test run to end");
 
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
