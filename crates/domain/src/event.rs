@@ -5,9 +5,12 @@
 //!
 //! | event type | required besides `eventType` and `emailAddress` (or `userId`) |
 //! | --- | --- |
-//! | `cell_executed` | `notebookPath`, `cellId` |
-//! | `notebook_opened`, `notebook_saved`, `notebook_closed` | `notebookPath` |
-//! | `help`, `help_stop`, any other type | nothing |
+//! | `cell_executed` | `cellId` |
+//! | any other type | nothing |
+//!
+//! A field sent as an empty or blank string counts as absent: extension
+//! builds send `teamName: ""` when no team is set and `notebookPath: ""` when
+//! a cell has no notebook context, and neither should cost the event.
 //!
 //! Free text (`code`, `result`, `errorMessage`) is kept as sent, except that
 //! NUL characters, which Postgres cannot store, become U+FFFD. `code` over
@@ -178,8 +181,16 @@ fn at(field: &'static str) -> impl FnOnce(FieldError) -> ValidationError {
     move |error| ValidationError { field, error }
 }
 
-fn required<'a>(field: &'static str, value: Option<&'a str>) -> Result<&'a str, ValidationError> {
-    value.ok_or(ValidationError {
+/// A wire string that is absent, empty or blank is absent.
+fn present(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.trim().is_empty())
+}
+
+fn required<'a>(
+    field: &'static str,
+    value: &'a Option<String>,
+) -> Result<&'a str, ValidationError> {
+    present(value).ok_or(ValidationError {
         field,
         error: FieldError::Missing,
     })
@@ -187,19 +198,16 @@ fn required<'a>(field: &'static str, value: Option<&'a str>) -> Result<&'a str, 
 
 fn optional<T>(
     field: &'static str,
-    value: Option<&str>,
+    value: &Option<String>,
     parse: impl FnOnce(&str) -> Result<T, FieldError>,
 ) -> Result<Option<T>, ValidationError> {
-    value.map(parse).transpose().map_err(at(field))
+    present(value).map(parse).transpose().map_err(at(field))
 }
 
 /// Validates one wire event received at `received_at`.
 pub fn validate(wire: WireEvent, received_at: OffsetDateTime) -> Result<Event, ValidationError> {
     let id = EventId::for_wire(&wire).0;
-    let type_name = required("eventType", wire.event_type.as_deref())?.trim();
-    if type_name.is_empty() {
-        return Err(at("eventType")(FieldError::Empty));
-    }
+    let type_name = required("eventType", &wire.event_type)?.trim();
     if type_name.len() > MAX_EVENT_TYPE_BYTES {
         return Err(at("eventType")(FieldError::TooLong {
             len: type_name.len(),
@@ -210,27 +218,23 @@ pub fn validate(wire: WireEvent, received_at: OffsetDateTime) -> Result<Event, V
         return Err(at("eventType")(FieldError::ControlCharacters));
     }
 
-    let key = match (&wire.email_address, &wire.user_id) {
+    let key = match (present(&wire.email_address), present(&wire.user_id)) {
         (Some(email), _) => StudentKey::Email(Email::parse(email).map_err(at("emailAddress"))?),
         (None, Some(user)) => StudentKey::UserId(ClientId::parse(user).map_err(at("userId"))?),
         (None, None) => return Err(at("emailAddress")(FieldError::Missing)),
     };
     let student = Student {
         key,
-        name: optional("userName", wire.user_name.as_deref(), DisplayName::parse)?,
-        team: optional("teamName", wire.team_name.as_deref(), DisplayName::parse)?,
+        name: optional("userName", &wire.user_name, DisplayName::parse)?,
+        team: optional("teamName", &wire.team_name, DisplayName::parse)?,
     };
 
-    let client_time = optional("eventTime", wire.event_time.as_deref(), parse_time)?;
-    let session_id = optional("sessionId", wire.session_id.as_deref(), ClientId::parse)?;
-    let notebook = optional(
-        "notebookPath",
-        wire.notebook_path.as_deref(),
-        NotebookPath::parse,
-    )?;
-    let cell_id = optional("cellId", wire.cell_id.as_deref(), ClientId::parse)?;
+    let client_time = optional("eventTime", &wire.event_time, parse_time)?;
+    let session_id = optional("sessionId", &wire.session_id, ClientId::parse)?;
+    let notebook = optional("notebookPath", &wire.notebook_path, NotebookPath::parse)?;
+    let cell_id = optional("cellId", &wire.cell_id, ClientId::parse)?;
     let cell_index = optional_counter("cellIndex", wire.cell_index)?;
-    let cell_type = optional("cellType", wire.cell_type.as_deref(), CellType::parse)?;
+    let cell_type = optional("cellType", &wire.cell_type, CellType::parse)?;
     let cell = cell_id.map(|id| CellRef {
         id,
         index: cell_index,
@@ -239,18 +243,12 @@ pub fn validate(wire: WireEvent, received_at: OffsetDateTime) -> Result<Event, V
 
     let kind = match type_name {
         "cell_executed" => {
-            required("notebookPath", wire.notebook_path.as_deref())?;
-            required("cellId", wire.cell_id.as_deref())?;
+            required("cellId", &wire.cell_id)?;
             EventKind::CellExecuted(execution(&wire)?)
         }
-        "notebook_opened" | "notebook_saved" | "notebook_closed" => {
-            required("notebookPath", wire.notebook_path.as_deref())?;
-            match type_name {
-                "notebook_opened" => EventKind::NotebookOpened,
-                "notebook_saved" => EventKind::NotebookSaved,
-                _ => EventKind::NotebookClosed,
-            }
-        }
+        "notebook_opened" => EventKind::NotebookOpened,
+        "notebook_saved" => EventKind::NotebookSaved,
+        "notebook_closed" => EventKind::NotebookClosed,
         "help" => EventKind::Help,
         "help_stop" => EventKind::HelpStop,
         other => EventKind::Other {
@@ -442,14 +440,19 @@ mod tests {
             ..executed()
         };
         assert_eq!(err_field(no_cell), ("cellId", FieldError::Missing));
+        let blank_cell = WireEvent {
+            cell_id: Some("  ".into()),
+            ..executed()
+        };
+        assert_eq!(err_field(blank_cell), ("cellId", FieldError::Missing));
         let opened_without_path = WireEvent {
             event_type: Some("notebook_opened".into()),
             notebook_path: None,
             ..executed()
         };
         assert_eq!(
-            err_field(opened_without_path),
-            ("notebookPath", FieldError::Missing)
+            validate(opened_without_path, NOW).unwrap().kind,
+            EventKind::NotebookOpened
         );
         let help = WireEvent {
             event_type: Some("help".into()),
@@ -462,6 +465,42 @@ mod tests {
             ..executed()
         };
         assert_eq!(err_field(no_type), ("eventType", FieldError::Missing));
+    }
+
+    #[test]
+    fn blank_optional_fields_count_as_absent() {
+        // What extension builds send when no team is set and a cell has no
+        // notebook context.
+        let wire = WireEvent {
+            team_name: Some(String::new()),
+            user_name: Some(" ".into()),
+            notebook_path: Some(String::new()),
+            session_id: Some(String::new()),
+            ..executed()
+        };
+        let event = validate(wire, NOW).unwrap();
+        assert_eq!(event.student.team, None);
+        assert_eq!(event.student.name, None);
+        assert_eq!(event.notebook, None);
+        assert_eq!(event.session_id, None);
+        let blank_email_with_user_id = WireEvent {
+            email_address: Some(String::new()),
+            user_id: Some("s-1".into()),
+            ..executed()
+        };
+        assert_eq!(
+            validate(blank_email_with_user_id, NOW)
+                .unwrap()
+                .student
+                .key
+                .to_string(),
+            "user:s-1"
+        );
+        let blank_type = WireEvent {
+            event_type: Some(" ".into()),
+            ..executed()
+        };
+        assert_eq!(err_field(blank_type), ("eventType", FieldError::Missing));
     }
 
     #[test]

@@ -7,13 +7,16 @@
 //! so retries, replays and parallel consumers cannot fabricate or hide an
 //! alert (ARCHITECTURE.md rule 5).
 //!
-//! * **help**: active while the newest `help`/`help_stop` of the last
-//!   [`StatusRules::help_window`] is `help`. Heartbeats (`help` every 10 s)
-//!   extend one *request*; a request starts at a `help` that follows a
-//!   `help_stop`, nothing, or a silence longer than the window. A dismissal
-//!   names the request it dismisses, so it sticks through that request's
-//!   heartbeats and ends when the student raises a new one. No clocks are
-//!   compared, so a student's skewed clock cannot undo a dismissal.
+//! * **help**: the extension keeps one help toggle per notebook, so help is
+//!   tracked per notebook. A notebook's help is active while its newest
+//!   `help`/`help_stop` of the last [`StatusRules::help_window`] is `help`.
+//!   Heartbeats (`help` every 10 s) extend one *request*; a request starts at
+//!   a `help` that follows a `help_stop`, nothing, or a silence longer than
+//!   the window. A dismissal names an event inside the request it dismisses
+//!   (the newest the instructor saw), so it sticks through that request's
+//!   heartbeats, including ones that arrive late with earlier times, and
+//!   ends when the student raises a new request. No instructor clock is
+//!   compared with a student's, so clock skew cannot undo a dismissal.
 //! * **significant error**: the last N runs of one cell all failed (N is
 //!   the class's threshold). A later success of that cell clears it, and so
 //!   does an instructor's resolution, which covers the runs up to the one it
@@ -46,10 +49,11 @@ pub struct OrderKey {
     pub id: EventId,
 }
 
-/// A cell of a student's notebook.
+/// A cell of a student's notebook (the notebook is unknown when the
+/// extension had no notebook context).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CellKey {
-    pub notebook: NotebookPath,
+    pub notebook: Option<NotebookPath>,
     pub cell: ClientId,
 }
 
@@ -60,8 +64,12 @@ pub enum Activity {
         cell: CellKey,
         failed: bool,
     },
-    Help,
-    HelpStop,
+    Help {
+        notebook: Option<NotebookPath>,
+    },
+    HelpStop {
+        notebook: Option<NotebookPath>,
+    },
     /// Anything else the student did (opened or saved a notebook, ...).
     Other,
 }
@@ -75,16 +83,17 @@ pub struct ActivityEvent {
 
 impl From<&Event> for ActivityEvent {
     fn from(event: &Event) -> Self {
-        let activity = match (&event.kind, &event.notebook, &event.cell) {
-            (EventKind::CellExecuted(exec), Some(notebook), Some(cell)) => Activity::Execution {
+        let notebook = event.notebook.clone();
+        let activity = match (&event.kind, &event.cell) {
+            (EventKind::CellExecuted(exec), Some(cell)) => Activity::Execution {
                 cell: CellKey {
-                    notebook: notebook.clone(),
+                    notebook,
                     cell: cell.id.clone(),
                 },
                 failed: exec.has_error,
             },
-            (EventKind::Help, ..) => Activity::Help,
-            (EventKind::HelpStop, ..) => Activity::HelpStop,
+            (EventKind::Help, _) => Activity::Help { notebook },
+            (EventKind::HelpStop, _) => Activity::HelpStop { notebook },
             _ => Activity::Other,
         };
         Self {
@@ -100,8 +109,12 @@ impl From<&Event> for ActivityEvent {
 /// What an instructor did about a student.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InstructorAction {
-    /// Dismiss the help request that began with this `help` event.
-    DismissHelp { request: EventId },
+    /// Dismiss the help request of `notebook` that contains the `help`
+    /// event at `through` (the newest one the instructor saw).
+    DismissHelp {
+        notebook: Option<NotebookPath>,
+        through: OrderKey,
+    },
     /// Resolve the errors of `cell` up to and including the run at `through`.
     ResolveError { cell: CellKey, through: OrderKey },
 }
@@ -141,19 +154,16 @@ pub enum Status {
     Idle,
 }
 
-/// The help side of a student's status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum HelpState {
-    None,
-    Active {
-        request: EventId,
-        since: OffsetDateTime,
-        last_heartbeat: OffsetDateTime,
-    },
-    Dismissed {
-        request: EventId,
-    },
+/// A help request that is active now (its heartbeats have not lapsed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelpRequest {
+    pub notebook: Option<NotebookPath>,
+    /// The `help` event that started the request.
+    pub started: OrderKey,
+    /// The newest heartbeat: what a dismissal names.
+    pub latest: OrderKey,
+    /// An instructor dismissed it; it stays dismissed until a new request.
+    pub dismissed: bool,
 }
 
 /// A cell whose last runs all failed.
@@ -169,7 +179,8 @@ pub struct SignificantError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StudentStatus {
     pub status: Status,
-    pub help: HelpState,
+    /// Active help requests, oldest first, dismissed ones included.
+    pub help: Vec<HelpRequest>,
     pub significant_errors: Vec<SignificantError>,
     pub last_execution_failed: bool,
     pub last_activity: Option<OffsetDateTime>,
@@ -197,7 +208,7 @@ pub fn derive_status(
     now: OffsetDateTime,
 ) -> StudentStatus {
     let ordered = canonical_order(events);
-    let help = help_state(&ordered, actions, rules, now);
+    let help = help_requests(&ordered, actions, rules, now);
     let significant_errors = significant_errors(&ordered, actions, rules);
 
     let mut executions = 0;
@@ -212,7 +223,7 @@ pub fn derive_status(
     }
     let last_activity = ordered.last().map(|e| e.key.time);
 
-    let status = if matches!(help, HelpState::Active { .. }) {
+    let status = if help.iter().any(|r| !r.dismissed) {
         Status::Help
     } else if !significant_errors.is_empty() {
         Status::SignificantError
@@ -235,49 +246,55 @@ pub fn derive_status(
     }
 }
 
-fn help_state(
+fn help_requests(
     ordered: &[&ActivityEvent],
     actions: &[InstructorAction],
     rules: &StatusRules,
     now: OffsetDateTime,
-) -> HelpState {
-    // Walk the help events in order, tracking the request in progress.
-    let mut request: Option<(&OrderKey, OffsetDateTime)> = None; // (start, last heartbeat)
-    let mut newest: Option<&ActivityEvent> = None;
+) -> Vec<HelpRequest> {
+    /// Per notebook: the request in progress (start, newest heartbeat) and
+    /// the time of the newest help or help_stop.
+    type Track = (Option<(OrderKey, OrderKey)>, OffsetDateTime);
+    let mut tracks: BTreeMap<Option<&NotebookPath>, Track> = BTreeMap::new();
     for event in ordered {
-        match event.activity {
-            Activity::Help => {
-                request = match request {
-                    Some((start, last)) if event.key.time - last <= rules.help_window => {
-                        Some((start, event.key.time))
+        match &event.activity {
+            Activity::Help { notebook } => {
+                let (request, newest) = tracks
+                    .entry(notebook.as_ref())
+                    .or_insert((None, event.key.time));
+                *request = match *request {
+                    Some((start, last)) if event.key.time - last.time <= rules.help_window => {
+                        Some((start, event.key))
                     }
-                    _ => Some((&event.key, event.key.time)),
+                    _ => Some((event.key, event.key)),
                 };
-                newest = Some(event);
+                *newest = event.key.time;
             }
-            Activity::HelpStop => {
-                request = None;
-                newest = Some(event);
+            Activity::HelpStop { notebook } => {
+                tracks.insert(notebook.as_ref(), (None, event.key.time));
             }
             _ => {}
         }
     }
-    let within_window = newest.is_some_and(|e| now - e.key.time <= rules.help_window);
-    let Some((start, last_heartbeat)) = request.filter(|_| within_window) else {
-        return HelpState::None;
-    };
-    let dismissed = actions
-        .iter()
-        .any(|a| matches!(a, InstructorAction::DismissHelp { request } if *request == start.id));
-    if dismissed {
-        HelpState::Dismissed { request: start.id }
-    } else {
-        HelpState::Active {
-            request: start.id,
-            since: start.time,
-            last_heartbeat,
-        }
-    }
+    let mut requests: Vec<HelpRequest> = tracks
+        .into_iter()
+        .filter(|(_, (_, newest))| now - *newest <= rules.help_window)
+        .filter_map(|(notebook, (request, _))| {
+            let (started, latest) = request?;
+            let dismissed = actions.iter().any(|a| {
+                matches!(a, InstructorAction::DismissHelp { notebook: n, through }
+                    if n.as_ref() == notebook && started <= *through && *through <= latest)
+            });
+            Some(HelpRequest {
+                notebook: notebook.cloned(),
+                started,
+                latest,
+                dismissed,
+            })
+        })
+        .collect();
+    requests.sort_by_key(|r| r.started);
+    requests
 }
 
 fn significant_errors(
@@ -328,10 +345,36 @@ mod tests {
         EventId::from_uuid(Uuid::from_u128(n))
     }
 
+    fn notebook(name: &str) -> Option<NotebookPath> {
+        Some(NotebookPath::parse(name).unwrap())
+    }
+
     fn cell(name: &str) -> CellKey {
         CellKey {
-            notebook: NotebookPath::parse("lesson1.ipynb").unwrap(),
+            notebook: notebook("lesson1.ipynb"),
             cell: ClientId::parse(name).unwrap(),
+        }
+    }
+
+    fn help() -> Activity {
+        Activity::Help {
+            notebook: notebook("lesson1.ipynb"),
+        }
+    }
+
+    fn help_stop() -> Activity {
+        Activity::HelpStop {
+            notebook: notebook("lesson1.ipynb"),
+        }
+    }
+
+    fn dismiss(through: &ActivityEvent) -> InstructorAction {
+        let Activity::Help { notebook } = &through.activity else {
+            panic!("dismissals name a help event");
+        };
+        InstructorAction::DismissHelp {
+            notebook: notebook.clone(),
+            through: through.key,
         }
     }
 
@@ -384,78 +427,133 @@ mod tests {
         assert_eq!(status_at(&events, &[], 301).status, Status::Idle);
     }
 
+    fn heartbeats(from: i64, to: i64, first_id: u128) -> Vec<ActivityEvent> {
+        (from..to)
+            .map(|i| at(i * 10, first_id + (i - from) as u128, help()))
+            .collect()
+    }
+
     #[test]
     fn help_is_active_while_heartbeats_arrive() {
-        let events: Vec<_> = (0..5)
-            .map(|i| at(i * 10, i as u128 + 1, Activity::Help))
-            .collect();
+        let events = heartbeats(0, 5, 1);
         let s = status_at(&events, &[], 45);
         assert_eq!(s.status, Status::Help);
-        let HelpState::Active {
-            request,
-            since,
-            last_heartbeat,
-        } = s.help
-        else {
-            panic!("expected active help, got {:?}", s.help);
-        };
-        assert_eq!(request, id(1));
-        assert_eq!(since, T0);
-        assert_eq!(last_heartbeat, T0 + Duration::seconds(40));
+        assert_eq!(s.help.len(), 1);
+        let request = &s.help[0];
+        assert_eq!(request.started.id, id(1));
+        assert_eq!(request.started.time, T0);
+        assert_eq!(request.latest.time, T0 + Duration::seconds(40));
+        assert!(!request.dismissed);
     }
 
     #[test]
     fn help_lapses_five_minutes_after_the_last_heartbeat() {
-        let events = [at(0, 1, Activity::Help), at(10, 2, Activity::Help)];
+        let events = heartbeats(0, 2, 1);
         assert_eq!(status_at(&events, &[], 310).status, Status::Help);
-        assert_eq!(status_at(&events, &[], 311).help, HelpState::None);
+        assert!(status_at(&events, &[], 311).help.is_empty());
     }
 
     #[test]
     fn help_stop_ends_help() {
-        let events = [at(0, 1, Activity::Help), at(5, 2, Activity::HelpStop)];
-        assert_eq!(status_at(&events, &[], 6).help, HelpState::None);
+        let events = [at(0, 1, help()), at(5, 2, help_stop())];
+        assert!(status_at(&events, &[], 6).help.is_empty());
     }
 
     #[test]
     fn help_stop_older_than_the_window_does_not_matter() {
-        let events = [at(0, 1, Activity::HelpStop)];
-        assert_eq!(status_at(&events, &[], 1000).help, HelpState::None);
+        let events = [at(0, 1, help_stop())];
+        assert!(status_at(&events, &[], 1000).help.is_empty());
     }
 
     #[test]
     fn dismissal_sticks_through_heartbeats() {
-        let mut events: Vec<_> = (0..3)
-            .map(|i| at(i * 10, i as u128 + 1, Activity::Help))
-            .collect();
-        let dismiss = [InstructorAction::DismissHelp { request: id(1) }];
-        // Heartbeats keep arriving after the dismissal, up to 4 minutes later.
-        events.extend((3..27).map(|i| at(i * 10, i as u128 + 1, Activity::Help)));
-        let s = status_at(&events, &dismiss, 265);
-        assert_eq!(s.help, HelpState::Dismissed { request: id(1) });
+        let mut events = heartbeats(0, 3, 1);
+        let dismissals = [dismiss(&events[2])];
+        // Heartbeats keep arriving after the dismissal, for 4 more minutes.
+        events.extend(heartbeats(3, 27, 4));
+        let s = status_at(&events, &dismissals, 265);
+        assert_eq!(s.help.len(), 1);
+        assert!(s.help[0].dismissed);
+        assert_ne!(s.status, Status::Help);
+    }
+
+    #[test]
+    fn a_late_earlier_heartbeat_does_not_undo_a_dismissal() {
+        // The instructor saw heartbeats 2 and 3 and dismissed; heartbeat 1
+        // (sent first, retried) arrives afterwards and becomes the start.
+        let seen = [at(10, 2, help()), at(20, 3, help())];
+        let dismissals = [dismiss(&seen[1])];
+        let mut events = seen.to_vec();
+        events.push(at(0, 1, help()));
+        events.push(at(30, 4, help()));
+        let s = status_at(&events, &dismissals, 31);
+        assert_eq!(s.help[0].started.id, id(1));
+        assert!(s.help[0].dismissed);
         assert_ne!(s.status, Status::Help);
     }
 
     #[test]
     fn a_new_request_after_help_stop_is_not_dismissed() {
         let events = [
-            at(0, 1, Activity::Help),
-            at(10, 2, Activity::Help),
-            at(20, 3, Activity::HelpStop),
-            at(30, 4, Activity::Help),
+            at(0, 1, help()),
+            at(10, 2, help()),
+            at(20, 3, help_stop()),
+            at(30, 4, help()),
         ];
-        let dismiss = [InstructorAction::DismissHelp { request: id(1) }];
-        let s = status_at(&events, &dismiss, 31);
+        let dismissals = [dismiss(&events[1])];
+        let s = status_at(&events, &dismissals, 31);
         assert_eq!(s.status, Status::Help);
-        assert!(matches!(s.help, HelpState::Active { request, .. } if request == id(4)));
+        assert_eq!(s.help[0].started.id, id(4));
+        assert!(!s.help[0].dismissed);
     }
 
     #[test]
     fn a_new_request_after_a_long_silence_is_not_dismissed() {
-        let events = [at(0, 1, Activity::Help), at(400, 2, Activity::Help)];
-        let dismiss = [InstructorAction::DismissHelp { request: id(1) }];
-        let s = status_at(&events, &dismiss, 401);
-        assert!(matches!(s.help, HelpState::Active { request, .. } if request == id(2)));
+        let events = [at(0, 1, help()), at(400, 2, help())];
+        let dismissals = [dismiss(&events[0])];
+        let s = status_at(&events, &dismissals, 401);
+        assert_eq!(s.help[0].started.id, id(2));
+        assert!(!s.help[0].dismissed);
+    }
+
+    #[test]
+    fn help_is_tracked_per_notebook() {
+        let other = |secs, n| {
+            at(
+                secs,
+                n,
+                Activity::Help {
+                    notebook: notebook("lesson2.ipynb"),
+                },
+            )
+        };
+        let events = [
+            at(0, 1, help()),
+            other(1, 2),
+            at(10, 3, help()),
+            // Turning help off in lesson 2 leaves lesson 1's request alone.
+            at(
+                11,
+                4,
+                Activity::HelpStop {
+                    notebook: notebook("lesson2.ipynb"),
+                },
+            ),
+            at(20, 5, help()),
+        ];
+        let dismissals = [dismiss(&events[2])];
+        let s = status_at(&events, &dismissals, 21);
+        assert_eq!(s.help.len(), 1);
+        assert_eq!(s.help[0].notebook, notebook("lesson1.ipynb"));
+        assert!(
+            s.help[0].dismissed,
+            "lesson 2's help_stop must not reset lesson 1's request"
+        );
+        // A dismissal of one notebook's request leaves another's active.
+        let both = [at(0, 1, help()), other(1, 2)];
+        let s = status_at(&both, &[dismiss(&both[0])], 2);
+        assert_eq!(s.help.len(), 2);
+        assert_eq!(s.status, Status::Help);
     }
 
     #[test]
@@ -560,7 +658,7 @@ mod tests {
             run(0, 1, "a", true),
             run(10, 2, "a", true),
             run(20, 3, "a", true),
-            at(25, 4, Activity::Help),
+            at(25, 4, help()),
         ];
         let s = status_at(&events, &[], 26);
         assert_eq!(s.status, Status::Help);

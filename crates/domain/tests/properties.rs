@@ -143,21 +143,26 @@ proptest! {
     }
 }
 
+fn notebook(name: &str) -> Option<cellmon_domain::fields::NotebookPath> {
+    Some(cellmon_domain::fields::NotebookPath::parse(name).unwrap())
+}
+
 fn activity_event() -> impl Strategy<Value = ActivityEvent> {
     let cells = vec!["a", "b"];
+    let notebooks = || select(vec![None, notebook("n1.ipynb"), notebook("n2.ipynb")]);
     (
         0i64..900,
         1u128..40,
         prop_oneof![
             4 => (select(cells), any::<bool>()).prop_map(|(c, failed)| Activity::Execution {
                 cell: CellKey {
-                    notebook: cellmon_domain::fields::NotebookPath::parse("n.ipynb").unwrap(),
+                    notebook: notebook("n1.ipynb"),
                     cell: cellmon_domain::fields::ClientId::parse(c).unwrap(),
                 },
                 failed,
             }),
-            2 => Just(Activity::Help),
-            1 => Just(Activity::HelpStop),
+            2 => notebooks().prop_map(|notebook| Activity::Help { notebook }),
+            1 => notebooks().prop_map(|notebook| Activity::HelpStop { notebook }),
             1 => Just(Activity::Other),
         ],
     )
@@ -189,7 +194,16 @@ fn actions(events: &[ActivityEvent], pick: &[usize]) -> Vec<InstructorAction> {
                 cell: cell.clone(),
                 through: e.key,
             },
-            _ => InstructorAction::DismissHelp { request: e.key.id },
+            Activity::Help { notebook } | Activity::HelpStop { notebook } => {
+                InstructorAction::DismissHelp {
+                    notebook: notebook.clone(),
+                    through: e.key,
+                }
+            }
+            Activity::Other => InstructorAction::DismissHelp {
+                notebook: None,
+                through: e.key,
+            },
         })
         .collect()
 }
@@ -225,7 +239,10 @@ proptest! {
     }
 
     #[test]
-    fn significant_errors_need_n_trailing_failures(events in distinct_events(), threshold in 1u8..5) {
+    fn significant_errors_are_exactly_the_cells_with_n_trailing_failures(
+        events in distinct_events(),
+        threshold in 1u8..5,
+    ) {
         let rules = StatusRules {
             consecutive_errors: std::num::NonZeroU8::new(threshold).unwrap(),
             ..StatusRules::default()
@@ -233,16 +250,24 @@ proptest! {
         let status = derive_status(&events, &[], &rules, T0);
         let mut ordered = events.clone();
         ordered.sort_by_key(|e| e.key);
-        for alert in &status.significant_errors {
-            let runs: Vec<bool> = ordered
-                .iter()
-                .filter_map(|e| match &e.activity {
-                    Activity::Execution { cell, failed } if *cell == alert.cell => Some(*failed),
-                    _ => None,
-                })
-                .collect();
-            let tail = &runs[runs.len() - usize::from(threshold)..];
-            prop_assert!(tail.iter().all(|f| *f), "alert without {} trailing failures", threshold);
+        // Recount from scratch: per cell, the failures since its last success.
+        let mut trailing: std::collections::BTreeMap<CellKey, usize> = Default::default();
+        for event in &ordered {
+            if let Activity::Execution { cell, failed } = &event.activity {
+                let count = trailing.entry(cell.clone()).or_default();
+                *count = if *failed { *count + 1 } else { 0 };
+            }
         }
+        let expected: Vec<(CellKey, u32)> = trailing
+            .into_iter()
+            .filter(|(_, n)| *n >= usize::from(threshold))
+            .map(|(cell, n)| (cell, n as u32))
+            .collect();
+        let got: Vec<(CellKey, u32)> = status
+            .significant_errors
+            .iter()
+            .map(|alert| (alert.cell.clone(), alert.consecutive_failures))
+            .collect();
+        prop_assert_eq!(got, expected);
     }
 }
