@@ -38,8 +38,10 @@ pub struct Event {
     pub id: EventId,
     pub kind: EventKind,
     /// The client's clock, in UTC, when the client sent one.
+    #[serde(with = "time::serde::rfc3339::option")]
     pub client_time: Option<OffsetDateTime>,
     /// The server's clock when the event was received.
+    #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
     pub student: Student,
     pub session_id: Option<ClientId>,

@@ -14,6 +14,8 @@
 //! * [`limits`]: every size bound, in one place.
 //! * [`lms`]: classes, instructors, students, teams, assignments, ...
 //! * [`status`]: help, significant error, error, active and idle.
+//! * [`envelope`]: [`envelope::StreamEvent`], what producers and consumers
+//!   of the event stream exchange.
 //!
 //! ```
 //! use cellmon_domain::{decode_batch, validate, WireEvent};
@@ -28,6 +30,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod envelope;
 pub mod event;
 pub mod fields;
 pub mod id;

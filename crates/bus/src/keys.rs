@@ -1,0 +1,108 @@
+//! Stream key names and sharding.
+
+use cellmon_domain::event::StudentKey;
+use cellmon_domain::lms::ClassId;
+
+/// Names the streams of one deployment (or one test: the prefix isolates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamKeys {
+    prefix: String,
+    shards: u16,
+}
+
+impl StreamKeys {
+    /// `prefix` is prepended to every key (e.g. `cellmon:`); `shards` is the
+    /// number of event streams (at least 1).
+    pub fn new(prefix: impl Into<String>, shards: u16) -> Self {
+        Self {
+            prefix: prefix.into(),
+            shards: shards.max(1),
+        }
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// The events stream of `shard`, with the shard as a hash tag.
+    pub fn events(&self, shard: u16) -> String {
+        format!("{}events:{{{shard}}}", self.prefix)
+    }
+
+    /// Every events stream, in shard order.
+    pub fn all_events(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.shards).map(|shard| self.events(shard))
+    }
+
+    /// The shard of a student: stable across processes and versions, so a
+    /// student's events stay in one stream, in order.
+    pub fn shard_for(&self, class: ClassId, student: &StudentKey) -> u16 {
+        let mut hash = Fnv1a::new();
+        hash.write(class.0.as_bytes());
+        hash.write(student.to_string().as_bytes());
+        (hash.finish() % u64::from(self.shards)) as u16
+    }
+}
+
+/// FNV-1a, 64 bit: tiny, and fixed forever (std's hasher may change).
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 ^= u64::from(*byte);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cellmon_domain::fields::Email;
+    use uuid::Uuid;
+
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_shard_as_a_hash_tag() {
+        let keys = StreamKeys::new("cellmon:", 4);
+        assert_eq!(keys.events(3), "cellmon:events:{3}");
+        assert_eq!(keys.all_events().count(), 4);
+    }
+
+    #[test]
+    fn a_student_always_maps_to_the_same_shard() {
+        let keys = StreamKeys::new("p:", 8);
+        let class = ClassId(Uuid::from_u128(1));
+        let student = StudentKey::Email(Email::parse("hanako@example.ac.jp").unwrap());
+        let shard = keys.shard_for(class, &student);
+        assert_eq!(shard, keys.shard_for(class, &student));
+        // Pinned: changing the hash would move students between streams.
+        assert_eq!(shard, 2);
+    }
+
+    #[test]
+    fn students_spread_over_shards() {
+        let keys = StreamKeys::new("p:", 4);
+        let class = ClassId(Uuid::from_u128(1));
+        let mut seen = [0u32; 4];
+        for i in 0..400 {
+            let email = Email::parse(&format!("s{i}@example.ac.jp")).unwrap();
+            seen[usize::from(keys.shard_for(class, &StudentKey::Email(email)))] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "uneven spread {seen:?}");
+    }
+
+    #[test]
+    fn zero_shards_means_one() {
+        assert_eq!(StreamKeys::new("p:", 0).shards(), 1);
+    }
+}
