@@ -70,6 +70,16 @@ impl Producer {
         &self.config.keys
     }
 
+    /// Whether Redis answers a PING within the timeout.
+    pub async fn ping(&self) -> Result<(), PublishError> {
+        let mut conn = self.conn.clone();
+        let timeout = self.config.timeout;
+        tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map_err(|_| PublishError::Timeout(timeout))??;
+        Ok(())
+    }
+
     /// Appends every event, in order within each shard, and returns the
     /// entry ids once Redis acknowledged all of them.
     pub async fn publish(&self, events: &[StreamEvent]) -> Result<Vec<String>, PublishError> {

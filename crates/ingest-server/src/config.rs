@@ -1,0 +1,110 @@
+//! The ingest server's configuration: defaults, then an optional TOML file,
+//! then `CELLMON_INGEST_*` environment variables (nested keys with `__`,
+//! e.g. `CELLMON_INGEST_RATE_LIMIT__PER_SECOND=20`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use cellmon_domain::lms::ClassId;
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+/// Everything the server needs. Tests build it directly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where `main` listens (tests pass their own listener).
+    pub listen: SocketAddr,
+    /// Redis, with AOF on (`redis://host:6379/`).
+    #[serde(serialize_with = "redact")]
+    pub redis_url: SecretString,
+    /// Prefix of every Redis key this server writes.
+    pub stream_prefix: String,
+    /// Number of event streams (shards).
+    pub stream_shards: u16,
+    /// Longest a hand-off to Redis may take before the request gets 503.
+    pub redis_timeout_ms: u64,
+    /// Most bytes of a request body as sent (compressed or not).
+    pub max_body_bytes: usize,
+    /// Most bytes of a request body after gzip decompression.
+    pub max_decoded_body_bytes: usize,
+    /// Class ingest tokens: the extension sends one as `?token=` or
+    /// `Authorization: Bearer`.
+    pub classes: Vec<ClassToken>,
+    /// Open mode: tokenless events belong to this class. Unset: a token is
+    /// required.
+    pub open_class: Option<ClassId>,
+    pub rate_limit: RateLimit,
+}
+
+/// One class's ingest token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassToken {
+    pub class_id: ClassId,
+    #[serde(serialize_with = "redact")]
+    pub token: SecretString,
+}
+
+/// Requests per client address.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained requests per second per client address.
+    pub per_second: u32,
+    /// Requests a client may send at once before the sustained rate applies.
+    pub burst: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        // The extension sends about one request per cell run; a class of
+        // students behind one NAT address shares this budget.
+        Self {
+            per_second: 200,
+            burst: 400,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            redis_url: SecretString::from("redis://127.0.0.1:6379/"),
+            stream_prefix: "cellmon:".into(),
+            stream_shards: 4,
+            redis_timeout_ms: 500,
+            max_body_bytes: 1024 * 1024,
+            max_decoded_body_bytes: 8 * 1024 * 1024,
+            classes: Vec::new(),
+            open_class: None,
+            rate_limit: RateLimit::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` when given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("CELLMON_INGEST_").split("__"))
+            .extract()
+            .map_err(Box::new)
+    }
+
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+}
+
+fn redact<S: serde::Serializer, T>(_: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str("[redacted]")
+}

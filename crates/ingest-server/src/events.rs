@@ -1,0 +1,187 @@
+//! `POST /api/v1/events`: the extension's endpoint.
+
+use std::collections::HashSet;
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use cellmon_domain::envelope::StreamEvent;
+use cellmon_domain::{DecodeError, WireEvent, decode_batch, validate};
+use http_body_util::{BodyExt as _, Limited};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::AppState;
+use crate::error::{ApiError, Rejected};
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The answer to an accepted request.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Accepted {
+    /// Events handed off (each distinct id once).
+    accepted: usize,
+    /// Items that repeated an id already in this batch.
+    duplicates: usize,
+    rejected: Vec<Rejected>,
+    /// The ids of the accepted events, in batch order.
+    event_ids: Vec<String>,
+}
+
+pub(crate) async fn post_events(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<TokenQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = handle(&state, peer, query, &headers, body).await;
+    let response = match result {
+        Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
+        Err(error) => error.into_response(),
+    };
+    let status = response.status();
+    state
+        .metrics
+        .accept_seconds
+        .with_label_values(&[status.as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn handle(
+    state: &AppState,
+    peer: SocketAddr,
+    query: TokenQuery,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, ApiError> {
+    if let Err(not_until) = state.limiter.check_key(&peer.ip()) {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        return Err(ApiError::RateLimited(wait));
+    }
+    let token = query.token.or_else(|| bearer(headers));
+    let class_id = state
+        .tokens
+        .class_for(token.as_deref())
+        .ok_or(ApiError::Unauthorized)?;
+
+    let body = read_body(state, headers, body).await?;
+    let received_at = OffsetDateTime::now_utc();
+    let items = decode_batch(&body).map_err(|e| match e {
+        DecodeError::TooLarge { .. } | DecodeError::TooManyEvents { .. } => {
+            ApiError::TooLarge(e.to_string())
+        }
+        DecodeError::Json(json) => ApiError::MalformedJson(json.to_string()),
+        other => ApiError::BadRequest(other.to_string()),
+    })?;
+
+    let mut events = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    let mut seen = HashSet::with_capacity(items.len());
+    let mut duplicates = 0;
+    for (index, item) in items.into_iter().enumerate() {
+        let wire = match WireEvent::from_item(item) {
+            Ok(wire) => wire,
+            Err(error) => {
+                rejected.push(Rejected {
+                    index,
+                    event_id: None,
+                    field: None,
+                    error: error.to_string(),
+                });
+                continue;
+            }
+        };
+        let client_id = wire.event_id.clone();
+        match validate(wire, received_at) {
+            Ok(event) => {
+                if seen.insert(event.id) {
+                    events.push(StreamEvent { class_id, event });
+                } else {
+                    duplicates += 1;
+                }
+            }
+            Err(error) => rejected.push(Rejected {
+                index,
+                event_id: client_id,
+                field: Some(error.field),
+                error: error.to_string(),
+            }),
+        }
+    }
+    state.metrics.events_rejected.inc_by(rejected.len() as u64);
+    if events.is_empty() && !rejected.is_empty() {
+        return Err(ApiError::NothingValid { rejected });
+    }
+
+    if let Err(error) = state.producer.publish(&events).await {
+        tracing::warn!(%error, events = events.len(), "hand-off to Redis failed");
+        return Err(ApiError::Unavailable);
+    }
+    state.metrics.events_accepted.inc_by(events.len() as u64);
+    state.metrics.events_duplicate.inc_by(duplicates as u64);
+    Ok(Accepted {
+        accepted: events.len(),
+        duplicates,
+        rejected,
+        event_ids: events.iter().map(|e| e.event.id.to_string()).collect(),
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
+    Some(token.trim().to_owned())
+}
+
+/// Reads the body within the encoded limit, then decompresses gzip within
+/// the decoded limit (a gzip bomb stops at the limit, not at the end).
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let max = state.config.max_body_bytes;
+    let raw = Limited::new(body, max)
+        .collect()
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("the body is over {max} bytes")))?
+        .to_bytes();
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("identity") | Some("") => Ok(raw),
+        Some("gzip") | Some("x-gzip") => {
+            let max = state.config.max_decoded_body_bytes;
+            tokio::task::spawn_blocking(move || {
+                let mut decoded = Vec::new();
+                flate2::read::GzDecoder::new(&raw[..])
+                    .take(max as u64 + 1)
+                    .read_to_end(&mut decoded)
+                    .map_err(|e| ApiError::BadRequest(format!("the gzip body is corrupt: {e}")))?;
+                if decoded.len() > max {
+                    return Err(ApiError::TooLarge(format!(
+                        "the body is over {max} bytes once decompressed"
+                    )));
+                }
+                Ok(Bytes::from(decoded))
+            })
+            .await
+            .map_err(|_| ApiError::Unavailable)?
+        }
+        Some(other) => Err(ApiError::UnsupportedEncoding(other.to_owned())),
+    }
+}

@@ -1,0 +1,178 @@
+//! Cell Monitor's ingest server: the HTTP API the JupyterLab extension posts
+//! events to.
+//!
+//! `POST /api/v1/events` takes a JSON array of events or a single event
+//! (optionally gzip-compressed), attributes it to a class by ingest token
+//! (or to the configured open class), validates every item, and answers
+//! `202 {accepted, duplicates, rejected, eventIds}` only after Redis
+//! acknowledged every accepted event (ARCHITECTURE.md rule 1). Otherwise it
+//! answers with a JSON error with a stable `code` (see [`error::ApiError`]):
+//! 400 malformed, 413 too large, 415 unknown encoding, 422 nothing valid,
+//! 401 bad token, 429 rate limited, 503 when Redis cannot take the events.
+//!
+//! Also: `GET /health/live`, `GET /health/ready` (Redis answers) and
+//! `GET /metrics` (Prometheus).
+//!
+//! The binary's `main` only loads [`Config`] and calls [`serve`], so tests
+//! run the very same server in-process on port 0.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+mod events;
+pub mod metrics;
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cellmon_bus::{Producer, ProducerConfig, StreamKeys};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use secrecy::ExposeSecret as _;
+use tokio::net::TcpListener;
+use tower_http::cors::{Any, CorsLayer};
+
+pub use config::Config;
+
+use crate::auth::Tokens;
+use crate::metrics::Metrics;
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    config: Arc<Config>,
+    tokens: Arc<Tokens>,
+    producer: Producer,
+    metrics: Metrics,
+    limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl AppState {
+    /// Connects to Redis and builds the shared state.
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let producer = Producer::connect(
+            config.redis_url.expose_secret(),
+            ProducerConfig {
+                keys: StreamKeys::new(config.stream_prefix.clone(), config.stream_shards),
+                timeout: config.redis_timeout(),
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach Redis: {e}"))?;
+        let per_second = std::num::NonZeroU32::new(config.rate_limit.per_second.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = std::num::NonZeroU32::new(config.rate_limit.burst.max(1))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
+        Ok(Self {
+            tokens: Arc::new(Tokens::from_config(&config)),
+            config: Arc::new(config),
+            producer,
+            metrics: Metrics::new()?,
+            limiter: Arc::new(limiter),
+        })
+    }
+}
+
+/// The HTTP routes with their middleware.
+pub fn router(state: AppState) -> Router {
+    // The extension runs on each deployment's own Jupyter origin, so any
+    // origin may post; tokens, not origins, attribute events.
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::POST, Method::GET, Method::OPTIONS])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::CONTENT_ENCODING,
+            HeaderName::from_static("x-requested-with"),
+        ])
+        .max_age(Duration::from_secs(3600));
+    Router::new()
+        .route("/api/v1/events", post(events::post_events))
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(cors)
+        .with_state(state)
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.producer.ping().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "not ready: Redis does not answer");
+            (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable").into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[route.as_str(), response.status().as_str()])
+        .inc();
+    response
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::new(config).await?;
+    // Forget idle clients now and then, so the limiter's memory stays bounded.
+    let limiter = Arc::clone(&state.limiter);
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    });
+    tracing::info!(addr = %listener.local_addr()?, "ingest server listening");
+    let result = axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    sweeper.abort();
+    Ok(result?)
+}

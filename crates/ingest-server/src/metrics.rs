@@ -1,0 +1,71 @@
+//! Prometheus metrics of the ingest server. Names follow
+//! `cellmon_<name>_<unit>[_total]`; labels are low-cardinality (route
+//! template and status, never paths or e-mails).
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub accept_seconds: HistogramVec,
+    pub events_accepted: IntCounter,
+    pub events_rejected: IntCounter,
+    pub events_duplicate: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "cellmon_ingest_requests_total",
+                "HTTP requests by route and status",
+            ),
+            &["route", "status"],
+        )?;
+        let accept_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "cellmon_ingest_accept_duration_seconds",
+                "Time from request to answer on the events route, by status",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["status"],
+        )?;
+        let events_accepted = IntCounter::new(
+            "cellmon_events_accepted_total",
+            "Events handed to Redis and acknowledged with 202",
+        )?;
+        let events_rejected =
+            IntCounter::new("cellmon_events_rejected_total", "Events refused as invalid")?;
+        let events_duplicate = IntCounter::new(
+            "cellmon_events_duplicate_total",
+            "Events repeated within one batch (stored once)",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(accept_seconds.clone()))?;
+        registry.register(Box::new(events_accepted.clone()))?;
+        registry.register(Box::new(events_rejected.clone()))?;
+        registry.register(Box::new(events_duplicate.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            accept_seconds,
+            events_accepted,
+            events_rejected,
+            events_duplicate,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

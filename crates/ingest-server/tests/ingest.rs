@@ -1,0 +1,541 @@
+//! The ingest server end to end: real HTTP, real Redis through the
+//! harness's proxy, every acknowledged id checked against the stream.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use cellmon_bus::{StreamKeys, codec};
+use cellmon_domain::lms::ClassId;
+use cellmon_harness::fixture::TestBackends;
+use cellmon_harness::proxy::Fault;
+use cellmon_ingest::config::{ClassToken, RateLimit};
+use cellmon_ingest::{Config, serve};
+use redis::AsyncCommands as _;
+use redis::streams::StreamRangeReply;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// A server running in this test's process, stopped on drop.
+struct Ingest {
+    url: String,
+    class_id: ClassId,
+    token: String,
+    keys: StreamKeys,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Ingest {
+    async fn start(
+        backends: &TestBackends,
+        tune: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
+        let class_id = ClassId::random();
+        let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
+        let mut config = Config {
+            redis_url: backends.redis_url().into(),
+            stream_prefix: backends.redis_prefix().to_owned(),
+            stream_shards: 4,
+            classes: vec![ClassToken {
+                class_id,
+                token: token.clone().into(),
+            }],
+            ..Config::default()
+        };
+        tune(&mut config);
+        let keys = StreamKeys::new(config.stream_prefix.clone(), config.stream_shards);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(error) = serve(config, listener, shutdown).await {
+                eprintln!("ingest server failed: {error:#}");
+            }
+        });
+        let ingest = Self {
+            url: format!("http://{addr}"),
+            class_id,
+            token,
+            keys,
+            _stop: stop,
+        };
+        let http = reqwest::Client::new();
+        cellmon_harness::eventually(Duration::from_secs(10), || async {
+            let status = http
+                .get(format!("{}/health/live", ingest.url))
+                .send()
+                .await?
+                .status();
+            anyhow::ensure!(status.is_success(), "live: {status}");
+            Ok(())
+        })
+        .await?;
+        Ok(ingest)
+    }
+
+    fn events_url(&self) -> String {
+        format!("{}/api/v1/events?token={}", self.url, self.token)
+    }
+
+    /// Every event id in this test's streams, with repeats.
+    async fn stored_ids(&self, backends: &TestBackends) -> anyhow::Result<Vec<String>> {
+        let client = redis::Client::open(backends.redis_url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut ids = Vec::new();
+        for key in self.keys.all_events() {
+            let reply: StreamRangeReply = conn.xrange_all(&key).await?;
+            for entry in reply.ids {
+                let event = codec::decode(&entry.map)?;
+                assert_eq!(event.class_id, self.class_id);
+                ids.push(event.event.id.to_string());
+            }
+        }
+        Ok(ids)
+    }
+}
+
+fn uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn cell_executed(email: &str, n: usize) -> Value {
+    let failed = n.is_multiple_of(7);
+    json!({
+        "eventId": uuid(),
+        "eventType": "cell_executed",
+        "eventTime": "2026-04-01T10:00:00.000Z",
+        "emailAddress": email,
+        "userName": "山田 花子",
+        "teamName": "チーム12",
+        "sessionId": "6f1e3a52-0c57-4d1e-a4f5-3b0b6a2d9c11",
+        "notebookPath": "lesson1/intro.ipynb",
+        "cellId": format!("cell-{n}"),
+        "cellIndex": n,
+        "cellType": "code",
+        "code": "x = 1\nprint(x)",
+        "executionCount": n,
+        "hasError": failed,
+        "errorMessage": if failed { Some("NameError: name 'y' is not defined") } else { None },
+        "result": "1",
+        "executionDurationMs": 3.5
+    })
+}
+
+async fn post(http: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+    let response = http.post(url).json(body).send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+#[tokio::test]
+async fn real_extension_payloads_are_accepted_with_their_ids() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let http = reqwest::Client::new();
+    let email = "hanako.yamada@example.ac.jp";
+
+    let mut large = cell_executed(email, 1);
+    large["code"] = json!("import pandas as pd\n".repeat(5_000)); // ~100 KB
+    let mut payloads = vec![json!([cell_executed(email, 2)]), json!([large])];
+    // Help toggled on (heartbeats every 10 s), then off; and an open with
+    // the empty team name the extension sends when none is set.
+    for i in 0..3 {
+        payloads.push(json!([{
+            "eventId": uuid(), "eventType": "help", "emailAddress": email,
+            "userName": "山田 花子", "teamName": "チームA",
+            "notebookPath": "lesson1/intro.ipynb",
+            "eventTime": format!("2026-04-01T10:00:{:02}.000Z", i * 10)
+        }]));
+    }
+    payloads.push(json!([{ "eventId": uuid(), "eventType": "help_stop", "emailAddress": email, "notebookPath": "lesson1/intro.ipynb" }]));
+    payloads.push(json!([{ "eventId": uuid(), "eventType": "notebook_opened", "emailAddress": email, "teamName": "", "notebookPath": "lesson2.ipynb" }]));
+
+    let mut acknowledged = Vec::new();
+    for payload in &payloads {
+        let (status, body) = post(&http, &ingest.events_url(), payload).await?;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["accepted"], 1, "{body}");
+        assert_eq!(body["eventIds"], json!([payload[0]["eventId"]]));
+        acknowledged.push(
+            payload[0]["eventId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    let stored: HashSet<String> = ingest.stored_ids(&backends).await?.into_iter().collect();
+    assert_eq!(stored, acknowledged.into_iter().collect());
+    Ok(())
+}
+
+#[tokio::test]
+async fn ten_thousand_events_from_a_hundred_students_are_in_the_stream_exactly()
+-> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let ingest = Ingest::start(&backends, |c| {
+        c.rate_limit = RateLimit {
+            per_second: 100_000,
+            burst: 100_000,
+        }
+    })
+    .await?;
+    let http = reqwest::Client::new();
+
+    // Batches of 1 to 200 events, sizes from a fixed pseudo-random sequence.
+    let mut events: Vec<Value> = (0..10_000)
+        .map(|i| cell_executed(&format!("student{:03}@example.ac.jp", i % 100), i))
+        .collect();
+    let mut batches = Vec::new();
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    while !events.is_empty() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let size = (1 + seed % 200) as usize;
+        let rest = events.split_off(size.min(events.len()));
+        batches.push(std::mem::replace(&mut events, rest));
+    }
+
+    // The ledger: every id answered 202, by four concurrent clients.
+    let mut ledger = Vec::new();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let url = ingest.events_url();
+    for batch in batches {
+        let http = http.clone();
+        let url = url.clone();
+        pending.push(async move {
+            let ids: Vec<String> = batch
+                .iter()
+                .map(|e| e["eventId"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            let (status, body) = post(&http, &url, &Value::Array(batch)).await?;
+            anyhow::ensure!(status == 202, "status {status}: {body}");
+            anyhow::ensure!(body["accepted"] == ids.len(), "{body}");
+            Ok::<_, anyhow::Error>(ids)
+        });
+        if pending.len() >= 4
+            && let Some(result) = futures_util::StreamExt::next(&mut pending).await
+        {
+            ledger.extend(result?);
+        }
+    }
+    while let Some(result) = futures_util::StreamExt::next(&mut pending).await {
+        ledger.extend(result?);
+    }
+    assert_eq!(ledger.len(), 10_000);
+
+    let stored = ingest.stored_ids(&backends).await?;
+    let stored_set: HashSet<&String> = stored.iter().collect();
+    let ledger_set: HashSet<&String> = ledger.iter().collect();
+    assert_eq!(stored.len(), stored_set.len(), "duplicates in the stream");
+    assert_eq!(stored_set, ledger_set, "lost or unexpected events");
+    Ok(())
+}
+
+fn gzip(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(bytes)?;
+    Ok(encoder.finish()?)
+}
+
+async fn raw(
+    http: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+    encoding: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    let mut request = http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(encoding) = encoding {
+        request = request.header("content-encoding", encoding);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+#[tokio::test]
+async fn bad_input() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let ingest = Ingest::start(&backends, |c| {
+        c.rate_limit = RateLimit {
+            per_second: 100_000,
+            burst: 100_000,
+        }
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let url = ingest.events_url();
+    let code_of = |body: &Value| {
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // Over the encoded limit.
+    let (status, body) = raw(&http, &url, vec![b' '; 2 * 1024 * 1024], None).await?;
+    assert_eq!(
+        (status, code_of(&body)),
+        (413, "too_large".into()),
+        "{body}"
+    );
+    // 10,000-deep JSON.
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let (status, body) = raw(&http, &url, deep.into_bytes(), None).await?;
+    assert_eq!(
+        (status, code_of(&body)),
+        (400, "bad_request".into()),
+        "{body}"
+    );
+    // A gzip bomb: 64 MB of zeros in a few kilobytes.
+    let bomb = gzip(&vec![b'0'; 64 * 1024 * 1024])?;
+    assert!(bomb.len() < 1024 * 1024);
+    let (status, body) = raw(&http, &url, bomb, Some("gzip")).await?;
+    assert_eq!(
+        (status, code_of(&body)),
+        (413, "too_large".into()),
+        "{body}"
+    );
+    // Invalid UTF-8.
+    let (status, body) = raw(&http, &url, b"[{\"userName\":\"\xff\xfe\"}]".to_vec(), None).await?;
+    assert_eq!(
+        (status, code_of(&body)),
+        (400, "malformed_json".into()),
+        "{body}"
+    );
+    // Unknown encoding.
+    let (status, body) = raw(&http, &url, b"[]".to_vec(), Some("br")).await?;
+    assert_eq!(
+        (status, code_of(&body)),
+        (415, "unsupported_encoding".into()),
+        "{body}"
+    );
+    // No token, wrong token.
+    let no_token = format!("{}/api/v1/events", ingest.url);
+    let (status, body) = post(&http, &no_token, &json!([cell_executed("a@b.jp", 1)])).await?;
+    assert_eq!((status, code_of(&body)), (401, "unauthorized".into()));
+    let (status, _) = post(
+        &http,
+        &format!("{no_token}?token=nope"),
+        &json!([cell_executed("a@b.jp", 1)]),
+    )
+    .await?;
+    assert_eq!(status, 401);
+
+    // A mixed batch: wrong types, 1e400, a huge code field and a bad e-mail
+    // are reported by index; the valid items are still accepted.
+    let valid = cell_executed("ok@example.ac.jp", 1);
+    let mut huge = cell_executed("ok@example.ac.jp", 2);
+    huge["code"] = json!("x".repeat(300 * 1024));
+    let mut bad_email = cell_executed("nope", 3);
+    bad_email["emailAddress"] = json!("nope");
+    let body = format!(
+        "[{},{{\"eventType\":\"help\",\"emailAddress\":\"a@b.jp\",\"cellIndex\":\"three\"}},{{\"eventType\":\"cell_executed\",\"emailAddress\":\"a@b.jp\",\"cellId\":\"c\",\"executionDurationMs\":1e400}},{},{},{}]",
+        valid,
+        huge,
+        bad_email,
+        cell_executed("ok2@example.ac.jp", 4)
+    );
+    let (status, body) = raw(&http, &url, gzip(body.as_bytes())?, Some("gzip")).await?;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["accepted"], 2, "{body}");
+    let rejected: Vec<u64> = body["rejected"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|x| x["index"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(rejected, vec![1, 2, 3, 4], "{body}");
+    assert_eq!(body["rejected"][2]["field"], "code");
+    assert_eq!(body["rejected"][3]["field"], "emailAddress");
+
+    // Nothing valid: 422 with the reasons.
+    let (status, body) = post(&http, &url, &json!([{ "eventType": "help" }])).await?;
+    assert_eq!(
+        (status, code_of(&body)),
+        (422, "nothing_valid".into()),
+        "{body}"
+    );
+    assert_eq!(body["rejected"][0]["field"], "emailAddress");
+
+    // The server is still fine, and only the valid events were stored.
+    let (status, _) = post(
+        &http,
+        &url,
+        &json!([cell_executed("after@example.ac.jp", 5)]),
+    )
+    .await?;
+    assert_eq!(status, 202);
+    assert_eq!(ingest.stored_ids(&backends).await?.len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rate_limit() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let ingest = Ingest::start(&backends, |c| {
+        c.rate_limit = RateLimit {
+            per_second: 2,
+            burst: 5,
+        }
+    })
+    .await?;
+    let noisy = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..50 {
+        let response = noisy
+            .post(ingest.events_url())
+            .json(&json!([cell_executed("noisy@example.ac.jp", i)]))
+            .send()
+            .await?;
+        if response.status() == 429 {
+            retry_after = response.headers().get("retry-after").cloned();
+            let body: Value = response.json().await?;
+            assert_eq!(body["error"]["code"], "rate_limited");
+            statuses.push(429);
+        } else {
+            statuses.push(response.status().as_u16());
+        }
+    }
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(limited >= 40, "only {limited} of 50 limited: {statuses:?}");
+    assert!(
+        statuses[..5].iter().all(|s| *s == 202),
+        "the burst must pass: {statuses:?}"
+    );
+    let retry_after: u64 = retry_after.expect("Retry-After on 429").to_str()?.parse()?;
+    assert!(retry_after >= 1);
+
+    // Another client (another source address) is unaffected.
+    let other = reqwest::Client::builder()
+        .local_address(IpAddr::from([127, 0, 0, 2]))
+        .build()?;
+    let response = other
+        .post(ingest.events_url())
+        .json(&json!([cell_executed("quiet@example.ac.jp", 1)]))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_down_means_503_never_202() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let ingest = Ingest::start(&backends, |c| c.redis_timeout_ms = 300).await?;
+    let http = reqwest::Client::new();
+    let proxy = backends.stack.redis.proxy();
+
+    for fault in [Fault::Down, Fault::Hang] {
+        proxy.set_fault(fault);
+        let sent = cell_executed("a@example.ac.jp", 1);
+        let response = http
+            .post(ingest.events_url())
+            .json(&json!([sent]))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 503, "under {fault:?}");
+        assert_eq!(
+            response.headers().get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        let ready = http
+            .get(format!("{}/health/ready", ingest.url))
+            .send()
+            .await?;
+        assert_eq!(ready.status(), 503);
+        proxy.clear();
+        // Back to normal: the same event is accepted on retry.
+        cellmon_harness::eventually(Duration::from_secs(10), || async {
+            let (status, body) = post(&http, &ingest.events_url(), &json!([sent])).await?;
+            anyhow::ensure!(status == 202, "{status}: {body}");
+            Ok(())
+        })
+        .await?;
+    }
+    let ready = http
+        .get(format!("{}/health/ready", ingest.url))
+        .send()
+        .await?;
+    assert_eq!(ready.status(), 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn open_mode_bearer_tokens_cors_and_metrics() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let open_class = ClassId::random();
+    let ingest = Ingest::start(&backends, |c| c.open_class = Some(open_class)).await?;
+    let http = reqwest::Client::new();
+    let email = "open@example.ac.jp";
+
+    // Tokenless events go to the open class; a bearer token to its class.
+    let (status, _) = post(
+        &http,
+        &format!("{}/api/v1/events", ingest.url),
+        &cell_executed(email, 1),
+    )
+    .await?;
+    assert_eq!(status, 202);
+    let response = http
+        .post(format!("{}/api/v1/events", ingest.url))
+        .bearer_auth(&ingest.token)
+        .json(&json!([cell_executed(email, 2)]))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    let client = redis::Client::open(backends.redis_url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut classes = HashSet::new();
+    for key in ingest.keys.all_events() {
+        let reply: StreamRangeReply = conn.xrange_all(&key).await?;
+        for entry in reply.ids {
+            classes.insert(codec::decode(&entry.map)?.class_id);
+        }
+    }
+    assert_eq!(classes, HashSet::from([open_class, ingest.class_id]));
+
+    // The browser's preflight from a Jupyter origin.
+    let preflight = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/api/v1/events", ingest.url),
+        )
+        .header("origin", "https://jupyter.example.ac.jp")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await?;
+    assert!(preflight.status().is_success());
+    assert_eq!(
+        preflight
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.as_bytes()),
+        Some(&b"*"[..])
+    );
+
+    let metrics = http
+        .get(format!("{}/metrics", ingest.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("cellmon_events_accepted_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"cellmon_ingest_requests_total{route="/api/v1/events",status="202"} 2"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cellmon_ingest_accept_duration_seconds_bucket"));
+    let _: SocketAddr = ingest.url.trim_start_matches("http://").parse()?;
+    Ok(())
+}
