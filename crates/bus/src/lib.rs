@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod keys;
 pub mod producer;
+pub mod spool;
 
 pub use keys::StreamKeys;
 pub use producer::{Producer, ProducerConfig, PublishError};
