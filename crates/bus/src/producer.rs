@@ -1,9 +1,11 @@
 //! Appending events to the streams.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cellmon_domain::envelope::StreamEvent;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
 
 use crate::codec;
 use crate::keys::StreamKeys;
@@ -32,11 +34,13 @@ pub enum PublishError {
 
 /// Appends events to their students' shards with pipelined `XADD`.
 ///
-/// Cheap to clone; clones share one multiplexed connection, which
-/// reconnects by itself after Redis comes back.
+/// Cheap to clone; clones share one multiplexed connection, made on first
+/// use (so a server can start while Redis is down) and remade by itself
+/// after Redis comes back.
 #[derive(Clone)]
 pub struct Producer {
-    conn: ConnectionManager,
+    client: redis::Client,
+    conn: Arc<OnceCell<ConnectionManager>>,
     config: ProducerConfig,
 }
 
@@ -49,21 +53,41 @@ impl std::fmt::Debug for Producer {
 }
 
 impl Producer {
-    /// Connects to Redis at `url`. Fails when Redis cannot be reached
-    /// within the timeout.
+    /// A producer for Redis at `url`; connects on first use.
+    pub fn new(url: &str, config: ProducerConfig) -> Result<Self, PublishError> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            conn: Arc::new(OnceCell::new()),
+            config,
+        })
+    }
+
+    /// A producer that has connected once already.
     pub async fn connect(url: &str, config: ProducerConfig) -> Result<Self, PublishError> {
-        let client = redis::Client::open(url)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(
-            config.timeout,
-            ConnectionManager::new_with_config(client, manager_config),
-        )
-        .await
-        .map_err(|_| PublishError::Timeout(config.timeout))??;
-        Ok(Self { conn, config })
+        let producer = Self::new(url, config)?;
+        producer.connection().await?;
+        Ok(producer)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, PublishError> {
+        let timeout = self.config.timeout;
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1);
+                tokio::time::timeout(
+                    timeout,
+                    ConnectionManager::new_with_config(self.client.clone(), manager_config),
+                )
+                .await
+                .map_err(|_| PublishError::Timeout(timeout))?
+                .map_err(PublishError::from)
+            })
+            .await?;
+        Ok(conn.clone())
     }
 
     pub fn keys(&self) -> &StreamKeys {
@@ -72,7 +96,7 @@ impl Producer {
 
     /// Whether Redis answers a PING within the timeout.
     pub async fn ping(&self) -> Result<(), PublishError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection().await?;
         let timeout = self.config.timeout;
         tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn))
             .await
@@ -95,7 +119,7 @@ impl Producer {
                 cmd.arg(name).arg(value);
             }
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection().await?;
         let timeout = self.config.timeout;
         tokio::time::timeout(timeout, pipe.query_async::<Vec<String>>(&mut conn))
             .await

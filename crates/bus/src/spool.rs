@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use tokio::sync::oneshot;
@@ -73,6 +73,9 @@ pub struct SpoolStats {
     pub torn_bytes: AtomicU64,
     /// Records written since opening.
     pub appended: AtomicU64,
+    /// The last append was refused for lack of room, and nothing was
+    /// acknowledged since.
+    pub full: AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +259,7 @@ impl Spool {
             fs::remove_file(&segment.path)?;
             self.stats.bytes.fetch_sub(segment.bytes, Ordering::Relaxed);
         }
+        self.stats.full.store(false, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -290,6 +294,7 @@ impl Committer {
                 .map(|r| (HEADER + SEQ + r.len()) as u64)
                 .sum();
             if bytes + size > self.config.max_bytes {
+                self.stats.full.store(true, Ordering::Relaxed);
                 let _ = commit.reply.send(Err(SpoolError::Full {
                     max_bytes: self.config.max_bytes,
                 }));
@@ -591,6 +596,7 @@ mod tests {
             }
         }
         assert!((10..20).contains(&accepted), "{accepted} accepted");
+        assert!(spool.stats().full.load(Ordering::Relaxed));
         assert_eq!(spool.pending(), accepted);
         // What was accepted is all there.
         assert_eq!(spool.read_pending(1000).unwrap().len() as u64, accepted);

@@ -3,7 +3,7 @@
 //! e.g. `CELLMON_INGEST_RATE_LIMIT__PER_SECOND=20`).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cellmon_domain::lms::ClassId;
@@ -38,6 +38,33 @@ pub struct Config {
     /// required.
     pub open_class: Option<ClassId>,
     pub rate_limit: RateLimit,
+    pub spool: SpoolSettings,
+}
+
+/// The local spool that takes events when Redis cannot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolSettings {
+    /// Directory of the spool's files; one server per directory.
+    pub dir: PathBuf,
+    /// Most bytes on disk; beyond it requests get 503.
+    pub max_bytes: u64,
+    /// Size at which a segment file is closed and a new one started.
+    pub segment_bytes: u64,
+    /// Longest the server spends sending spooled events to Redis when it
+    /// shuts down; what is left is replayed at the next start.
+    pub drain_on_shutdown_ms: u64,
+}
+
+impl Default for SpoolSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data/ingest-spool"),
+            max_bytes: 1024 * 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
+            drain_on_shutdown_ms: 5_000,
+        }
+    }
 }
 
 /// One class's ingest token.
@@ -83,6 +110,7 @@ impl Default for Config {
             classes: Vec::new(),
             open_class: None,
             rate_limit: RateLimit::default(),
+            spool: SpoolSettings::default(),
         }
     }
 }

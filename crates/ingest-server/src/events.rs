@@ -35,6 +35,10 @@ pub(crate) struct Accepted {
     rejected: Vec<Rejected>,
     /// The ids of the accepted events, in batch order.
     event_ids: Vec<String>,
+    /// True when Redis could not take the events and they were written to
+    /// the local spool instead (durably; they reach Redis later).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    spooled: bool,
 }
 
 pub(crate) async fn post_events(
@@ -127,10 +131,14 @@ async fn handle(
         return Err(ApiError::NothingValid { rejected });
     }
 
-    if let Err(error) = state.producer.publish(&events).await {
-        tracing::warn!(%error, events = events.len(), "hand-off to Redis failed");
-        return Err(ApiError::Unavailable);
-    }
+    let spooled = match state.producer.publish(&events).await {
+        Ok(_) => false,
+        Err(error) => {
+            tracing::debug!(%error, events = events.len(), "Redis did not take the events; spooling");
+            crate::replay::spool(state, &events).await?;
+            true
+        }
+    };
     state.metrics.events_accepted.inc_by(events.len() as u64);
     state.metrics.events_duplicate.inc_by(duplicates as u64);
     Ok(Accepted {
@@ -138,6 +146,7 @@ async fn handle(
         duplicates,
         rejected,
         event_ids: events.iter().map(|e| e.event.id.to_string()).collect(),
+        spooled,
     })
 }
 

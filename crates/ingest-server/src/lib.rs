@@ -5,10 +5,14 @@
 //! (optionally gzip-compressed), attributes it to a class by ingest token
 //! (or to the configured open class), validates every item, and answers
 //! `202 {accepted, duplicates, rejected, eventIds}` only after Redis
-//! acknowledged every accepted event (ARCHITECTURE.md rule 1). Otherwise it
+//! acknowledged every accepted event, or, when Redis is down or slower than
+//! its timeout, after they were fsync'd to the local spool (ARCHITECTURE.md
+//! rule 1); a replayer sends spooled events to Redis when it is back, and at
+//! start-up. Otherwise it
 //! answers with a JSON error with a stable `code` (see [`error::ApiError`]):
 //! 400 malformed, 413 too large, 415 unknown encoding, 422 nothing valid,
-//! 401 bad token, 429 rate limited, 503 when Redis cannot take the events.
+//! 401 bad token, 429 rate limited, 503 when neither Redis nor the spool
+//! can take the events.
 //!
 //! Also: `GET /health/live`, `GET /health/ready` (Redis answers) and
 //! `GET /metrics` (Prometheus).
@@ -21,6 +25,7 @@ pub mod config;
 pub mod error;
 mod events;
 pub mod metrics;
+mod replay;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +38,7 @@ use axum::http::{HeaderName, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use cellmon_bus::spool::{Spool, SpoolConfig};
 use cellmon_bus::{Producer, ProducerConfig, StreamKeys};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use secrecy::ExposeSecret as _;
@@ -50,6 +56,7 @@ pub struct AppState {
     config: Arc<Config>,
     tokens: Arc<Tokens>,
     producer: Producer,
+    spool: Spool,
     metrics: Metrics,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
 }
@@ -63,17 +70,30 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// Connects to Redis and builds the shared state.
+    /// Opens the spool (recovering what a crash left) and builds the shared
+    /// state. Redis need not be up: the producer connects on first use.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let producer = Producer::connect(
+        let producer = Producer::new(
             config.redis_url.expose_secret(),
             ProducerConfig {
                 keys: StreamKeys::new(config.stream_prefix.clone(), config.stream_shards),
                 timeout: config.redis_timeout(),
             },
         )
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach Redis: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("bad Redis URL: {e}"))?;
+        let spool_config = SpoolConfig {
+            dir: config.spool.dir.clone(),
+            max_bytes: config.spool.max_bytes,
+            segment_bytes: config.spool.segment_bytes,
+        };
+        let spool = tokio::task::spawn_blocking(move || Spool::open(spool_config))
+            .await?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open the spool in {}: {e}",
+                    config.spool.dir.display()
+                )
+            })?;
         let per_second = std::num::NonZeroU32::new(config.rate_limit.per_second.max(1))
             .unwrap_or(std::num::NonZeroU32::MIN);
         let burst = std::num::NonZeroU32::new(config.rate_limit.burst.max(1))
@@ -83,6 +103,7 @@ impl AppState {
             tokens: Arc::new(Tokens::from_config(&config)),
             config: Arc::new(config),
             producer,
+            spool,
             metrics: Metrics::new()?,
             limiter: Arc::new(limiter),
         })
@@ -116,12 +137,27 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Ready when events can be acknowledged: Redis answers, or the spool has
+/// room.
 async fn ready(State(state): State<AppState>) -> Response {
     match state.producer.ping().await {
-        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Ok(()) => (StatusCode::OK, "ready: redis").into_response(),
         Err(error) => {
-            tracing::warn!(%error, "not ready: Redis does not answer");
-            (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable").into_response()
+            let full = state
+                .spool
+                .stats()
+                .full
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if !full {
+                (StatusCode::OK, "ready: spool (redis unreachable)").into_response()
+            } else {
+                tracing::warn!(%error, "not ready: Redis does not answer and the spool is full");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "redis unreachable, spool full",
+                )
+                    .into_response()
+            }
         }
     }
 }
@@ -156,6 +192,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = AppState::new(config).await?;
+    let corrupt = state
+        .spool
+        .stats()
+        .corrupt_regions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    state
+        .metrics
+        .spool_corrupt_regions
+        .set(i64::try_from(corrupt).unwrap_or(i64::MAX));
+    replay::refresh_gauges(&state);
+    let replayer = tokio::spawn(replay::run(state.clone()));
     // Forget idle clients now and then, so the limiter's memory stays bounded.
     let limiter = Arc::clone(&state.limiter);
     let sweeper = tokio::spawn(async move {
@@ -169,10 +216,19 @@ pub async fn serve(
     tracing::info!(addr = %listener.local_addr()?, "ingest server listening");
     let result = axum::serve(
         listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        router(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await;
     sweeper.abort();
+    replayer.abort();
+    // In-flight requests are done; hand what the spool holds to Redis while
+    // the grace period lasts. The rest waits on disk for the next start.
+    let grace = Duration::from_millis(state.config.spool.drain_on_shutdown_ms);
+    replay::drain(&state, std::time::Instant::now() + grace).await;
+    tracing::info!(
+        left_in_spool = state.spool.pending(),
+        "ingest server stopped"
+    );
     Ok(result?)
 }

@@ -3,7 +3,7 @@
 //! template and status, never paths or e-mails).
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
@@ -15,6 +15,12 @@ pub struct Metrics {
     pub events_accepted: IntCounter,
     pub events_rejected: IntCounter,
     pub events_duplicate: IntCounter,
+    pub events_spooled: IntCounter,
+    pub events_replayed: IntCounter,
+    pub spool_bytes: IntGauge,
+    pub spool_pending: IntGauge,
+    pub spool_corrupt_regions: IntGauge,
+    pub spool_undecodable: IntCounter,
 }
 
 impl Metrics {
@@ -47,6 +53,33 @@ impl Metrics {
             "cellmon_events_duplicate_total",
             "Events repeated within one batch (stored once)",
         )?;
+        let events_spooled = IntCounter::new(
+            "cellmon_events_spooled_total",
+            "Events written to the local spool because Redis could not take them",
+        )?;
+        let events_replayed = IntCounter::new(
+            "cellmon_events_replayed_total",
+            "Spooled events handed to Redis later",
+        )?;
+        let spool_bytes = IntGauge::new("cellmon_spool_bytes", "Bytes of the local spool on disk")?;
+        let spool_pending = IntGauge::new(
+            "cellmon_spool_pending_events",
+            "Spooled events not yet handed to Redis",
+        )?;
+        let spool_corrupt_regions = IntGauge::new(
+            "cellmon_spool_corrupt_regions",
+            "Damaged regions skipped when the spool was opened",
+        )?;
+        let spool_undecodable = IntCounter::new(
+            "cellmon_spool_undecodable_total",
+            "Spooled records with a valid checksum that are not an event (dropped)",
+        )?;
+        for gauge in [&spool_bytes, &spool_pending, &spool_corrupt_regions] {
+            registry.register(Box::new(gauge.clone()))?;
+        }
+        registry.register(Box::new(events_spooled.clone()))?;
+        registry.register(Box::new(events_replayed.clone()))?;
+        registry.register(Box::new(spool_undecodable.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(accept_seconds.clone()))?;
         registry.register(Box::new(events_accepted.clone()))?;
@@ -59,6 +92,12 @@ impl Metrics {
             events_accepted,
             events_rejected,
             events_duplicate,
+            events_spooled,
+            events_replayed,
+            spool_bytes,
+            spool_pending,
+            spool_corrupt_regions,
+            spool_undecodable,
         })
     }
 
