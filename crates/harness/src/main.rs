@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use cellmon_domain::lms::ClassId;
 use cellmon_harness::backend::BackendKind;
 use cellmon_harness::docker::Docker;
 use cellmon_harness::stack::Stack;
 use cellmon_harness::supervise;
+use cellmon_ingest::config::ClassToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,12 +27,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Start Postgres, Redis and InfluxDB locally, print their URLs, and run
-    /// until Ctrl-C (or SIGTERM), then remove them.
+    /// Start Postgres, Redis and InfluxDB locally and the ingest server in
+    /// front of them, print their URLs, and run until Ctrl-C (or SIGTERM),
+    /// then stop the server and remove the backends.
     Up {
         /// Also write the URLs to this file as KEY=VALUE lines.
         #[arg(long)]
         env_file: Option<PathBuf>,
+        /// Port of the ingest server on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 8080)]
+        ingest_port: u16,
     },
     /// nextest setup script: start the backends shared by one test run and
     /// hand their addresses to the tests through $NEXTEST_ENV.
@@ -79,7 +85,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Cmd::Up { env_file } => up(env_file).await?,
+        Cmd::Up {
+            env_file,
+            ingest_port,
+        } => up(env_file, ingest_port).await?,
         Cmd::TestBackends { serve: false, .. } => supervise::setup().await?,
         Cmd::TestBackends {
             serve: true,
@@ -102,7 +111,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn up(env_file: Option<PathBuf>) -> anyhow::Result<()> {
+async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
     let docker = Docker::connect().await?;
     eprintln!("starting postgres, redis and influxdb ...");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -119,11 +128,41 @@ async fn up(env_file: Option<PathBuf>) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+
+    // The ingest server, in this process, with one class and its token; in
+    // open mode too, so the extension works without a token.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", ingest_port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot listen on 127.0.0.1:{ingest_port} ({e}); try --ingest-port")
+        })?;
+    let ingest_addr = listener.local_addr()?;
+    let class_id = ClassId::random();
+    let token = format!("dev-{}", uuid::Uuid::new_v4().simple());
+    let spool_dir = std::env::temp_dir().join(format!("cellmon-up-{}", std::process::id()));
+    let mut config = cellmon_ingest::Config {
+        redis_url: stack.redis.url().into(),
+        classes: vec![ClassToken {
+            class_id,
+            token: token.clone().into(),
+        }],
+        open_class: Some(class_id),
+        ..cellmon_ingest::Config::default()
+    };
+    config.spool.dir = spool_dir.clone();
+    let (stop_ingest, ingest_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ingest = tokio::spawn(cellmon_ingest::serve(config, listener, async {
+        let _ = ingest_stopped.await;
+    }));
+
     let mut env = String::new();
     for kind in BackendKind::ALL {
         let var = format!("CELLMON_{}_URL", kind.name().to_uppercase());
         env.push_str(&format!("{var}={}\n", stack.backend(kind).url()));
     }
+    env.push_str(&format!("CELLMON_INGEST_URL=http://{ingest_addr}\n"));
+    env.push_str(&format!("CELLMON_CLASS_ID={class_id}\n"));
+    env.push_str(&format!("CELLMON_INGEST_TOKEN={token}\n"));
     if let Some(path) = env_file {
         supervise::write_atomically(&path, &env)?;
     }
@@ -131,6 +170,10 @@ async fn up(env_file: Option<PathBuf>) -> anyhow::Result<()> {
         use std::io::Write as _;
         let mut out = std::io::stdout().lock();
         writeln!(out, "{env}")?;
+        writeln!(
+            out,
+            "events: POST http://{ingest_addr}/api/v1/events?token={token} (or without a token)"
+        )?;
         writeln!(out, "ready; press Ctrl-C to stop and remove the backends")?;
     }
     tokio::select! {
@@ -138,7 +181,14 @@ async fn up(env_file: Option<PathBuf>) -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     eprintln!("stopping ...");
+    let _ = stop_ingest.send(());
+    match ingest.await {
+        Ok(Err(error)) => eprintln!("ingest server: {error:#}"),
+        Err(error) => eprintln!("ingest server task: {error}"),
+        Ok(Ok(())) => {}
+    }
     stack.shutdown().await?;
+    let _ = std::fs::remove_dir_all(&spool_dir);
     eprintln!("backends removed");
     Ok(())
 }

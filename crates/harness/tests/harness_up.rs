@@ -14,6 +14,7 @@ async fn up_prints_working_urls_and_ctrl_c_removes_the_backends() -> anyhow::Res
     let env_file = dir.join("backends.env");
     let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
         .arg("up")
+        .args(["--ingest-port", "0"])
         .arg("--env-file")
         .arg(&env_file)
         .stdout(std::process::Stdio::null())
@@ -43,6 +44,24 @@ async fn up_prints_working_urls_and_ctrl_c_removes_the_backends() -> anyhow::Res
             .parse()?;
         kind.probe(addr).await?;
     }
+    // The ingest server takes an event with the printed token.
+    let events = format!(
+        "{}/api/v1/events?token={}",
+        url("INGEST")?,
+        env.lines()
+            .find_map(|l| l.strip_prefix("CELLMON_INGEST_TOKEN="))
+            .unwrap_or_default()
+    );
+    let response = reqwest::Client::new()
+        .post(&events)
+        .header("content-type", "application/json")
+        .body(r#"[{"eventType":"help","emailAddress":"hanako@example.ac.jp"}]"#)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["accepted"], 1, "{body}");
+
     let docker = Docker::connect().await?;
     assert_eq!(owned_by(&docker, pid).await?, 3);
 
