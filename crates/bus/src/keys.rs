@@ -29,6 +29,11 @@ impl StreamKeys {
         format!("{}events:{{{shard}}}", self.prefix)
     }
 
+    /// A key whose disappearance reveals that Redis lost its data.
+    pub fn marker(&self) -> String {
+        format!("{}marker", self.prefix)
+    }
+
     /// Every events stream, in shard order.
     pub fn all_events(&self) -> impl Iterator<Item = String> + '_ {
         (0..self.shards).map(|shard| self.events(shard))

@@ -104,6 +104,46 @@ impl Producer {
         Ok(())
     }
 
+    /// The `run_id` of the Redis server: it changes whenever Redis restarts.
+    pub async fn run_id(&self) -> Result<String, PublishError> {
+        let mut conn = self.connection().await?;
+        let timeout = self.config.timeout;
+        let info: String = tokio::time::timeout(
+            timeout,
+            redis::cmd("INFO").arg("server").query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| PublishError::Timeout(timeout))??;
+        info.lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned())
+            .ok_or_else(|| {
+                PublishError::Redis(redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "INFO server has no run_id",
+                )))
+            })
+    }
+
+    /// Sets this deployment's marker key unless it exists; returns whether
+    /// it existed. Nothing else writes or deletes it, so after a Redis
+    /// restart a missing marker means Redis came back without its data.
+    pub async fn ensure_marker(&self) -> Result<bool, PublishError> {
+        let mut conn = self.connection().await?;
+        let timeout = self.config.timeout;
+        let set: Option<String> = tokio::time::timeout(
+            timeout,
+            redis::cmd("SET")
+                .arg(self.config.keys.marker())
+                .arg("1")
+                .arg("NX")
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| PublishError::Timeout(timeout))??;
+        Ok(set.is_none())
+    }
+
     /// Appends every event, in order within each shard, and returns the
     /// entry ids once Redis acknowledged all of them.
     pub async fn publish(&self, events: &[StreamEvent]) -> Result<Vec<String>, PublishError> {

@@ -251,6 +251,19 @@ impl Backend {
         self.kind.wait_ready(self.addr(), READY_TIMEOUT).await
     }
 
+    /// Replaces the container with a fresh one of the same kind, with none
+    /// of the old one's data (a server restarted without persistence), and
+    /// points the proxy at it. Clients keep their address.
+    pub async fn replace_container(&mut self, docker: &Docker) -> anyhow::Result<()> {
+        let fresh = docker.run(&self.kind.spec()).await?;
+        let upstream = loopback(fresh.host_port().await?);
+        if let Some(old) = self.container.replace(fresh) {
+            old.remove().await?;
+        }
+        self.proxy.set_upstream(upstream);
+        self.kind.wait_ready(self.addr(), READY_TIMEOUT).await
+    }
+
     /// Stops the container (SIGTERM, SIGKILL after `grace`).
     pub async fn stop(&self, grace: Duration) -> anyhow::Result<()> {
         Ok(self.owned()?.stop(grace).await?)

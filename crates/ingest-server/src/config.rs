@@ -25,8 +25,11 @@ pub struct Config {
     pub stream_prefix: String,
     /// Number of event streams (shards).
     pub stream_shards: u16,
-    /// Longest a hand-off to Redis may take before the request gets 503.
+    /// Longest a hand-off to Redis may take before the events are spooled.
     pub redis_timeout_ms: u64,
+    /// How often the server checks whether Redis restarted (and whether it
+    /// came back without its data).
+    pub redis_watch_ms: u64,
     /// Most bytes of a request body as sent (compressed or not).
     pub max_body_bytes: usize,
     /// Most bytes of a request body after gzip decompression.
@@ -105,6 +108,7 @@ impl Default for Config {
             stream_prefix: "cellmon:".into(),
             stream_shards: 4,
             redis_timeout_ms: 500,
+            redis_watch_ms: 1_000,
             max_body_bytes: 1024 * 1024,
             max_decoded_body_bytes: 8 * 1024 * 1024,
             classes: Vec::new(),

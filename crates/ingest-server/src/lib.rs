@@ -203,6 +203,7 @@ pub async fn serve(
         .set(i64::try_from(corrupt).unwrap_or(i64::MAX));
     replay::refresh_gauges(&state);
     let replayer = tokio::spawn(replay::run(state.clone()));
+    let watcher = tokio::spawn(replay::watch_redis(state.clone()));
     // Forget idle clients now and then, so the limiter's memory stays bounded.
     let limiter = Arc::clone(&state.limiter);
     let sweeper = tokio::spawn(async move {
@@ -222,6 +223,7 @@ pub async fn serve(
     .await;
     sweeper.abort();
     replayer.abort();
+    watcher.abort();
     // In-flight requests are done; hand what the spool holds to Redis while
     // the grace period lasts. The rest waits on disk for the next start.
     let grace = Duration::from_millis(state.config.spool.drain_on_shutdown_ms);

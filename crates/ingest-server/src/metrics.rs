@@ -21,6 +21,8 @@ pub struct Metrics {
     pub spool_pending: IntGauge,
     pub spool_corrupt_regions: IntGauge,
     pub spool_undecodable: IntCounter,
+    pub redis_restarts: IntCounter,
+    pub redis_amnesia: IntCounter,
 }
 
 impl Metrics {
@@ -74,6 +76,16 @@ impl Metrics {
             "cellmon_spool_undecodable_total",
             "Spooled records with a valid checksum that are not an event (dropped)",
         )?;
+        let redis_restarts = IntCounter::new(
+            "cellmon_redis_restarts_total",
+            "Redis restarts seen (its run_id changed)",
+        )?;
+        let redis_amnesia = IntCounter::new(
+            "cellmon_redis_amnesia_total",
+            "Redis restarts that lost the data (persistence off or a new server)",
+        )?;
+        registry.register(Box::new(redis_restarts.clone()))?;
+        registry.register(Box::new(redis_amnesia.clone()))?;
         for gauge in [&spool_bytes, &spool_pending, &spool_corrupt_regions] {
             registry.register(Box::new(gauge.clone()))?;
         }
@@ -98,6 +110,8 @@ impl Metrics {
             spool_pending,
             spool_corrupt_regions,
             spool_undecodable,
+            redis_restarts,
+            redis_amnesia,
         })
     }
 

@@ -86,7 +86,11 @@ fn percentile(mut values: Vec<Duration>, p: f64) -> Duration {
 #[tokio::test]
 async fn redis_kill() -> anyhow::Result<()> {
     let backends = TestBackends::private().await?;
-    let ingest = Ingest::start(&backends, |c| c.redis_timeout_ms = 300).await?;
+    let ingest = Ingest::start(&backends, |c| {
+        c.redis_timeout_ms = 300;
+        c.redis_watch_ms = 100;
+    })
+    .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(run_load(
         ingest.events_url(),
@@ -110,6 +114,17 @@ async fn redis_kill() -> anyhow::Result<()> {
         "requests refused while the spool had room"
     );
     assert_stored_exactly(&ingest, &backends, &ledger.ok, &ledger.refused).await?;
+    // With AOF, the restart is seen and is not amnesia.
+    cellmon_harness::eventually(Duration::from_secs(10), || async {
+        let text = ingest.metrics().await?;
+        anyhow::ensure!(
+            text.contains("cellmon_redis_restarts_total 1"),
+            "restart not seen yet"
+        );
+        anyhow::ensure!(text.contains("cellmon_redis_amnesia_total 0"), "{text}");
+        Ok(())
+    })
+    .await?;
     eprintln!(
         "REDIS-KILL: {} acknowledged, {} unknown, stream complete {:.1} s after Redis returned",
         ledger.ok.len(),
@@ -174,5 +189,69 @@ async fn redis_hang() -> anyhow::Result<()> {
         percentile(during, 0.99)
     );
     assert_stored_exactly(&ingest, &backends, &ledger.ok, &ledger.refused).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_amnesia() -> anyhow::Result<()> {
+    let mut backends = TestBackends::private().await?;
+    let ingest = Ingest::start(&backends, |c| {
+        c.redis_timeout_ms = 300;
+        c.redis_watch_ms = 100;
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let send = |n: usize| {
+        let http = http.clone();
+        let url = ingest.events_url();
+        async move {
+            let mut ok = Vec::new();
+            for i in 0..n {
+                let event = cell_executed("amnesia@example.ac.jp", i);
+                let response = http.post(&url).json(&json!([event])).send().await?;
+                anyhow::ensure!(response.status() == 202, "status {}", response.status());
+                ok.push(event["eventId"].as_str().unwrap_or_default().to_owned());
+            }
+            Ok::<_, anyhow::Error>(ok)
+        }
+    };
+    let metric = |name: &'static str| {
+        let ingest = &ingest;
+        async move {
+            let text = ingest.metrics().await?;
+            Ok::<_, anyhow::Error>(
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0),
+            )
+        }
+    };
+
+    send(10).await?;
+    // Let the watcher learn this Redis's identity and set its marker.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A Redis that comes back empty at the same address.
+    let docker = cellmon_harness::docker::Docker::connect().await?;
+    backends.stack.redis.replace_container(&docker).await?;
+    let after = send(10).await?;
+
+    cellmon_harness::eventually(Duration::from_secs(10), || async {
+        anyhow::ensure!(
+            metric("cellmon_redis_amnesia_total ").await? == 1,
+            "amnesia not detected yet"
+        );
+        Ok(())
+    })
+    .await?;
+    assert_eq!(metric("cellmon_redis_restarts_total ").await?, 1);
+    // No crash loop: the server is up, ready, and stores new events in the
+    // new Redis.
+    let ready = http
+        .get(format!("{}/health/ready", ingest.url))
+        .send()
+        .await?;
+    assert_eq!(ready.status(), 200);
+    assert_stored_exactly(&ingest, &backends, &after, &[]).await?;
     Ok(())
 }
