@@ -19,6 +19,7 @@
 //! * [`supervise`]: the nextest setup script that shares one set of
 //!   containers across a test run and removes it afterwards.
 //! * [`pg`], [`influx`]: the little each backend needs for set-up and checks.
+//! * [`load`]: an open-loop load generator for the ingest API.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -37,6 +38,7 @@ pub mod backend;
 pub mod docker;
 pub mod fixture;
 pub mod influx;
+pub mod load;
 pub mod pg;
 pub mod proxy;
 pub mod stack;

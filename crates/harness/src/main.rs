@@ -50,6 +50,31 @@ enum Cmd {
         #[arg(long, hide = true, requires = "serve")]
         log_file: Option<PathBuf>,
     },
+    /// Offer an open-loop load to an ingest server and report accepted
+    /// events/s and latency percentiles (JSON on stdout).
+    Load {
+        /// Events URL, e.g. http://127.0.0.1:8080/api/v1/events?token=...
+        #[arg(long)]
+        url: String,
+        /// Events per second offered.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Events per request.
+        #[arg(long, default_value_t = 1)]
+        batch: u32,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Most requests in flight.
+        #[arg(long, default_value_t = 256)]
+        max_in_flight: usize,
+        /// Students the events are spread over.
+        #[arg(long, default_value_t = 100)]
+        students: u32,
+        /// Client addresses (127.0.1.1 ...) the requests come from.
+        #[arg(long, default_value_t = 100)]
+        clients: u8,
+    },
     /// Remove harness containers whose owner has exited, waiting up to
     /// --wait seconds for running supervisors to finish their own clean-up.
     Cleanup {
@@ -100,6 +125,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--serve needs --watch-pid and --ready-file");
             };
             supervise::serve(pid, &file, log_file.as_deref()).await?;
+        }
+        Cmd::Load {
+            url,
+            rate,
+            batch,
+            duration,
+            max_in_flight,
+            students,
+            clients,
+        } => {
+            let spec = cellmon_harness::load::LoadSpec {
+                url,
+                rate,
+                batch,
+                duration: Duration::from_secs(duration),
+                max_in_flight,
+                students,
+                clients,
+            };
+            eprintln!("offering {rate} events/s in batches of {batch} for {duration} s ...");
+            let report = cellmon_harness::load::run(spec).await?;
+            use std::io::Write as _;
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string_pretty(&report)?
+            )?;
         }
         Cmd::Cleanup { wait } => {
             let left = supervise::cleanup(Duration::from_secs(wait)).await?;

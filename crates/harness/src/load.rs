@@ -1,0 +1,195 @@
+//! `harness load`: an open-loop load generator for the ingest API.
+//!
+//! Requests are scheduled at fixed intervals whatever the server does
+//! (open loop), and each latency is measured from the moment the request
+//! was *scheduled*, so a slow server cannot hide its slowness by slowing
+//! the generator down (no coordinated omission). In-flight requests are
+//! capped; a request that cannot start on time because of the cap is
+//! counted as `late` and still measured from its scheduled time.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::sync::{Mutex, Semaphore};
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The events URL, with `?token=` when needed.
+    pub url: String,
+    /// Events per second offered.
+    pub rate: u32,
+    /// Events per request.
+    pub batch: u32,
+    pub duration: Duration,
+    /// Most requests in flight at once.
+    pub max_in_flight: usize,
+    /// Simulated students the events are spread over.
+    pub students: u32,
+    /// Distinct client addresses (127.0.1.1, 127.0.1.2, ...) the requests
+    /// come from, as a class's machines would; per-address rate limits
+    /// then apply as they would in a classroom.
+    pub clients: u8,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub offered_events_per_s: f64,
+    pub accepted_events_per_s: f64,
+    pub requests: u64,
+    pub late_starts: u64,
+    pub status_counts: BTreeMap<String, u64>,
+    pub latency_ms: Percentiles,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+struct Tally {
+    histogram: Histogram<u64>,
+    statuses: BTreeMap<String, u64>,
+    accepted_events: u64,
+}
+
+fn body(batch: u32, students: u32, seq: u64) -> String {
+    let events: Vec<String> = (0..u64::from(batch))
+        .map(|i| {
+            let n = seq * u64::from(batch) + i;
+            format!(
+                r#"{{"eventId":"{}","eventType":"cell_executed","eventTime":"2026-04-01T10:00:00.000Z","emailAddress":"student{:04}@example.ac.jp","userName":"学生 {}","teamName":"チーム{}","notebookPath":"lesson1/intro.ipynb","cellId":"cell-{}","cellType":"code","code":"import numpy as np\nx = np.arange(10)\nprint(x.sum())","executionCount":{},"hasError":{},"result":"45","executionDurationMs":12.5}}"#,
+                uuid::Uuid::new_v4(),
+                n % u64::from(students.max(1)),
+                n % u64::from(students.max(1)),
+                n % 12,
+                n % 20,
+                n % 1000,
+                n.is_multiple_of(7)
+            )
+        })
+        .collect();
+    format!("[{}]", events.join(","))
+}
+
+/// Runs the load and reports. Prints a progress line every second to
+/// stderr.
+pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
+    anyhow::ensure!(
+        spec.rate > 0 && spec.batch > 0,
+        "rate and batch must be positive"
+    );
+    let clients: Vec<reqwest::Client> = (1..=spec.clients.max(1))
+        .map(|k| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .no_proxy()
+                .local_address(std::net::IpAddr::from([127, 0, 1, k]))
+                .build()
+        })
+        .collect::<Result<_, _>>()?;
+    let tally = Arc::new(Mutex::new(Tally {
+        histogram: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        statuses: BTreeMap::new(),
+        accepted_events: 0,
+    }));
+    let permits = Arc::new(Semaphore::new(spec.max_in_flight));
+    let requests_per_s = f64::from(spec.rate) / f64::from(spec.batch);
+    let interval = Duration::from_secs_f64(1.0 / requests_per_s);
+    let total = (spec.duration.as_secs_f64() * requests_per_s).round() as u64;
+    let started = Instant::now();
+    let mut late = 0u64;
+    let mut tasks = Vec::with_capacity(total as usize);
+    let mut next_progress = Duration::from_secs(1);
+    for seq in 0..total {
+        let scheduled = started + interval.mul_f64(seq as f64);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                late += 1;
+                Arc::clone(&permits).acquire_owned().await?
+            }
+        };
+        let http = clients[(seq % clients.len() as u64) as usize].clone();
+        let url = spec.url.clone();
+        let task_tally = Arc::clone(&tally);
+        let payload = body(spec.batch, spec.students, seq);
+        let batch = u64::from(spec.batch);
+        tasks.push(tokio::spawn(async move {
+            let result = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(payload)
+                .send()
+                .await;
+            let micros = scheduled.elapsed().as_micros().max(1) as u64;
+            let status = match result {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let _ = response.bytes().await;
+                    status.to_string()
+                }
+                Err(_) => "error".to_owned(),
+            };
+            let mut tally = task_tally.lock().await;
+            let _ = tally.histogram.record(micros.min(60_000_000));
+            if status == "202" {
+                tally.accepted_events += batch;
+            }
+            *tally.statuses.entry(status).or_default() += 1;
+            drop(permit);
+        }));
+        if started.elapsed() >= next_progress {
+            let accepted = tally.lock().await.accepted_events;
+            eprintln!(
+                "  {:>3.0} s  {seq:>7}/{total} requests  {:>8.0} events/s accepted",
+                started.elapsed().as_secs_f64(),
+                accepted as f64 / started.elapsed().as_secs_f64()
+            );
+            next_progress += Duration::from_secs(1);
+        }
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let tally = tally.lock().await;
+    let ms = |q: f64| tally.histogram.value_at_quantile(q) as f64 / 1000.0;
+    Ok(LoadReport {
+        offered_events_per_s: f64::from(spec.rate),
+        accepted_events_per_s: tally.accepted_events as f64 / wall,
+        requests: total,
+        late_starts: late,
+        status_counts: tally.statuses.clone(),
+        latency_ms: Percentiles {
+            p50: ms(0.50),
+            p95: ms(0.95),
+            p99: ms(0.99),
+            max: tally.histogram.max() as f64 / 1000.0,
+        },
+        wall_s: wall,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_valid_batches_of_the_wire_format() {
+        let text = body(3, 100, 7);
+        let items: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0]["eventType"], "cell_executed");
+        assert_eq!(items[0]["emailAddress"], "student0021@example.ac.jp");
+    }
+}
