@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cellmon_domain::envelope::StreamEvent;
 use cellmon_domain::{DecodeError, WireEvent, decode_batch, validate};
-use http_body_util::{BodyExt as _, Limited};
+use http_body_util::BodyExt as _;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -158,15 +158,48 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     Some(token.trim().to_owned())
 }
 
+/// Most bytes of an oversized body read and thrown away before answering
+/// 413, and the longest time spent on it.
+const DRAIN_BYTES: usize = 64 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and discards the rest of an oversized body, within bounds. Closing
+/// a connection with unread data makes the kernel send RST, which can
+/// destroy the 413 before the client reads it; draining lets it arrive.
+async fn drain(mut body: Body) {
+    let mut left = DRAIN_BYTES;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            left = left.saturating_sub(data.len());
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// Reads the body within the encoded limit, then decompresses gzip within
 /// the decoded limit (a gzip bomb stops at the limit, not at the end).
 async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let max = state.config.max_body_bytes;
-    let raw = Limited::new(body, max)
-        .collect()
-        .await
-        .map_err(|_| ApiError::TooLarge(format!("the body is over {max} bytes")))?
-        .to_bytes();
+    let mut body = body;
+    let mut raw = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ApiError::BadRequest("the body could not be read".into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if raw.len() + data.len() > max {
+            drain(body).await;
+            return Err(ApiError::TooLarge(format!("the body is over {max} bytes")));
+        }
+        raw.extend_from_slice(&data);
+    }
+    let raw = Bytes::from(raw);
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
