@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use cellmon_domain::envelope::StreamEvent;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use crate::codec;
 use crate::keys::StreamKeys;
@@ -36,13 +37,24 @@ pub enum PublishError {
 ///
 /// Cheap to clone; clones share one multiplexed connection, made on first
 /// use (so a server can start while Redis is down) and remade by itself
-/// after Redis comes back.
+/// after Redis comes back. One connection attempt runs at a time; while it
+/// runs, or shortly after one failed, callers fail at once instead of
+/// queueing behind it, so every call ends within its timeout.
 #[derive(Clone)]
 pub struct Producer {
     client: redis::Client,
-    conn: Arc<OnceCell<ConnectionManager>>,
+    slot: Arc<Mutex<Slot>>,
     config: ProducerConfig,
 }
+
+#[derive(Default)]
+struct Slot {
+    conn: Option<ConnectionManager>,
+    last_failure: Option<Instant>,
+}
+
+/// After a failed connection attempt, calls fail at once for this long.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,7 +69,7 @@ impl Producer {
     pub fn new(url: &str, config: ProducerConfig) -> Result<Self, PublishError> {
         Ok(Self {
             client: redis::Client::open(url)?,
-            conn: Arc::new(OnceCell::new()),
+            slot: Arc::new(Mutex::new(Slot::default())),
             config,
         })
     }
@@ -65,55 +77,88 @@ impl Producer {
     /// A producer that has connected once already.
     pub async fn connect(url: &str, config: ProducerConfig) -> Result<Self, PublishError> {
         let producer = Self::new(url, config)?;
-        producer.connection().await?;
+        producer.connection(producer.deadline()).await?;
         Ok(producer)
-    }
-
-    async fn connection(&self) -> Result<ConnectionManager, PublishError> {
-        let timeout = self.config.timeout;
-        let conn = self
-            .conn
-            .get_or_try_init(|| async {
-                let manager_config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1);
-                tokio::time::timeout(
-                    timeout,
-                    ConnectionManager::new_with_config(self.client.clone(), manager_config),
-                )
-                .await
-                .map_err(|_| PublishError::Timeout(timeout))?
-                .map_err(PublishError::from)
-            })
-            .await?;
-        Ok(conn.clone())
     }
 
     pub fn keys(&self) -> &StreamKeys {
         &self.config.keys
     }
 
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.config.timeout
+    }
+
+    fn timed_out(&self) -> PublishError {
+        PublishError::Timeout(self.config.timeout)
+    }
+
+    async fn connection(&self, deadline: Instant) -> Result<ConnectionManager, PublishError> {
+        let mut slot = tokio::time::timeout_at(deadline, self.slot.lock())
+            .await
+            .map_err(|_| self.timed_out())?;
+        if let Some(conn) = &slot.conn {
+            return Ok(conn.clone());
+        }
+        if slot.last_failure.is_some_and(|t| t.elapsed() < RETRY_PAUSE) {
+            return Err(self.timed_out());
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(remaining))
+            .set_response_timeout(Some(self.config.timeout))
+            .set_number_of_retries(1);
+        let attempt = tokio::time::timeout_at(
+            deadline,
+            ConnectionManager::new_with_config(self.client.clone(), manager_config),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(conn)) => {
+                slot.conn = Some(conn.clone());
+                slot.last_failure = None;
+                Ok(conn)
+            }
+            Ok(Err(error)) => {
+                slot.last_failure = Some(Instant::now());
+                Err(self.classify(error))
+            }
+            Err(_) => {
+                slot.last_failure = Some(Instant::now());
+                Err(self.timed_out())
+            }
+        }
+    }
+
+    fn classify(&self, error: redis::RedisError) -> PublishError {
+        // The connection's own response timeout: the same outcome.
+        if error.is_timeout() {
+            self.timed_out()
+        } else {
+            PublishError::Redis(error)
+        }
+    }
+
+    /// Runs `cmd` within one deadline that covers connecting too.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, PublishError> {
+        let deadline = self.deadline();
+        let mut conn = self.connection(deadline).await?;
+        tokio::time::timeout_at(deadline, cmd.query_async::<T>(&mut conn))
+            .await
+            .map_err(|_| self.timed_out())?
+            .map_err(|e| self.classify(e))
+    }
+
     /// Whether Redis answers a PING within the timeout.
     pub async fn ping(&self) -> Result<(), PublishError> {
-        let mut conn = self.connection().await?;
-        let timeout = self.config.timeout;
-        tokio::time::timeout(timeout, redis::cmd("PING").query_async::<String>(&mut conn))
-            .await
-            .map_err(|_| PublishError::Timeout(timeout))??;
-        Ok(())
+        self.query::<String>(&redis::cmd("PING")).await.map(|_| ())
     }
 
     /// The `run_id` of the Redis server: it changes whenever Redis restarts.
     pub async fn run_id(&self) -> Result<String, PublishError> {
-        let mut conn = self.connection().await?;
-        let timeout = self.config.timeout;
-        let info: String = tokio::time::timeout(
-            timeout,
-            redis::cmd("INFO").arg("server").query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| PublishError::Timeout(timeout))??;
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server");
+        let info: String = self.query(&cmd).await?;
         info.lines()
             .find_map(|line| line.strip_prefix("run_id:"))
             .map(|id| id.trim().to_owned())
@@ -129,23 +174,15 @@ impl Producer {
     /// it existed. Nothing else writes or deletes it, so after a Redis
     /// restart a missing marker means Redis came back without its data.
     pub async fn ensure_marker(&self) -> Result<bool, PublishError> {
-        let mut conn = self.connection().await?;
-        let timeout = self.config.timeout;
-        let set: Option<String> = tokio::time::timeout(
-            timeout,
-            redis::cmd("SET")
-                .arg(self.config.keys.marker())
-                .arg("1")
-                .arg("NX")
-                .query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| PublishError::Timeout(timeout))??;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.config.keys.marker()).arg("1").arg("NX");
+        let set: Option<String> = self.query(&cmd).await?;
         Ok(set.is_none())
     }
 
     /// Appends every event, in order within each shard, and returns the
-    /// entry ids once Redis acknowledged all of them.
+    /// entry ids once Redis acknowledged all of them, all within one
+    /// deadline.
     pub async fn publish(&self, events: &[StreamEvent]) -> Result<Vec<String>, PublishError> {
         if events.is_empty() {
             return Ok(Vec::new());
@@ -159,18 +196,11 @@ impl Producer {
                 cmd.arg(name).arg(value);
             }
         }
-        let mut conn = self.connection().await?;
-        let timeout = self.config.timeout;
-        tokio::time::timeout(timeout, pipe.query_async::<Vec<String>>(&mut conn))
+        let deadline = self.deadline();
+        let mut conn = self.connection(deadline).await?;
+        tokio::time::timeout_at(deadline, pipe.query_async::<Vec<String>>(&mut conn))
             .await
-            .map_err(|_| PublishError::Timeout(timeout))?
-            .map_err(|e| {
-                // The connection's own response timeout: the same outcome.
-                if e.is_timeout() {
-                    PublishError::Timeout(timeout)
-                } else {
-                    PublishError::Redis(e)
-                }
-            })
+            .map_err(|_| self.timed_out())?
+            .map_err(|e| self.classify(e))
     }
 }

@@ -37,8 +37,11 @@ const HEADER: usize = 8;
 const SEQ: usize = 8;
 /// Larger frames are taken as garbage when scanning (a record is one event).
 const MAX_FRAME: usize = 16 * 1024 * 1024;
-/// Batches waiting for the committer; callers wait when it is full.
+/// Batches waiting for the committer; beyond it appends are refused.
 const QUEUE: usize = 4096;
+/// Longest an append waits for its fsync before the caller gives up (the
+/// records may still be written; the caller treats the outcome as unknown).
+const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where the spool lives and how much it may hold.
 #[derive(Debug, Clone)]
@@ -58,6 +61,8 @@ pub enum SpoolError {
     Io(#[from] io::Error),
     #[error("the spool's committer has stopped")]
     Stopped,
+    #[error("the spool's disk is too slow; try later")]
+    Busy,
 }
 
 /// What recovery found and what the spool has done since it opened.
@@ -73,6 +78,8 @@ pub struct SpoolStats {
     pub torn_bytes: AtomicU64,
     /// Records written since opening.
     pub appended: AtomicU64,
+    /// fdatasync calls since opening (fewer than appends: group commit).
+    pub syncs: AtomicU64,
     /// The last append was refused for lack of room, and nothing was
     /// acknowledged since.
     pub full: AtomicBool,
@@ -123,7 +130,12 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Spool {
     /// Opens (or creates) the spool, recovering whatever a crash left, and
     /// starts a fresh segment so nothing is ever appended after damage.
-    pub fn open(config: SpoolConfig) -> Result<Self, SpoolError> {
+    pub fn open(mut config: SpoolConfig) -> Result<Self, SpoolError> {
+        // Several segments must fit in the limit, or acknowledged records
+        // could never be deleted to make room.
+        config.segment_bytes = config
+            .segment_bytes
+            .clamp(4096, (config.max_bytes / 4).max(4096));
         fs::create_dir_all(&config.dir)?;
         let acked = read_cursor(&config.dir)?;
         let stats = Arc::new(SpoolStats::default());
@@ -201,28 +213,39 @@ impl Spool {
     /// once they are fsync'd.
     pub async fn append(&self, records: Vec<Vec<u8>>) -> Result<(u64, u64), SpoolError> {
         let (reply, answer) = oneshot::channel();
-        let commits = self.commits.clone();
-        // The queue is bounded; waiting for room must not block the runtime.
-        tokio::task::spawn_blocking(move || commits.send(Commit { records, reply }))
-            .await
-            .map_err(|_| SpoolError::Stopped)?
-            .map_err(|_| SpoolError::Stopped)?;
-        answer.await.map_err(|_| SpoolError::Stopped)?
+        // A full queue means the disk is far behind: refuse rather than wait.
+        self.commits
+            .try_send(Commit { records, reply })
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => SpoolError::Busy,
+                mpsc::TrySendError::Disconnected(_) => SpoolError::Stopped,
+            })?;
+        match tokio::time::timeout(APPEND_TIMEOUT, answer).await {
+            Ok(answer) => answer.map_err(|_| SpoolError::Stopped)?,
+            Err(_) => Err(SpoolError::Busy),
+        }
     }
 
-    /// Up to `max` unacknowledged records, oldest first, with their
-    /// sequence numbers. Reads the files; holds no lock while doing so.
-    pub fn read_pending(&self, max: usize) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+    /// Up to `max` unacknowledged records and about `max_bytes` of them,
+    /// oldest first, with their sequence numbers. Reads the files; holds no
+    /// lock while doing so.
+    pub fn read_pending(
+        &self,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
         let (segments, acked) = {
             let state = lock(&self.state);
             (state.segments.clone(), state.acked)
         };
         let mut out = Vec::new();
+        let mut bytes = 0;
         for segment in segments.iter().filter(|s| s.last_seq > acked) {
             for (seq, data) in scan_segment_records(&segment.path, segment.last_seq)? {
                 if seq > acked {
+                    bytes += data.len();
                     out.push((seq, data));
-                    if out.len() >= max {
+                    if out.len() >= max || bytes >= max_bytes {
                         return Ok(out);
                     }
                 }
@@ -284,6 +307,9 @@ impl Committer {
     }
 
     fn commit(&mut self, batch: Vec<Commit>) {
+        // A fully acknowledged active segment is replaced first and deleted,
+        // so acknowledged bytes never keep the spool full.
+        self.retire_acked_active();
         let mut accepted = Vec::with_capacity(batch.len());
         let mut buffer = Vec::new();
         let mut bytes = self.stats.bytes.load(Ordering::Relaxed);
@@ -311,47 +337,101 @@ impl Committer {
         if accepted.is_empty() {
             return;
         }
-        let result = self.write_durably(&buffer, self.next_seq - 1);
+        let written = self.next_seq - accepted[0].1;
+        let result = self.write_durably(&buffer, self.next_seq - 1, written);
         for (commit, first, last) in accepted {
             let answer = match &result {
-                Ok(()) => {
-                    let n = last + 1 - first;
-                    self.stats.pending.fetch_add(n, Ordering::Relaxed);
-                    self.stats.appended.fetch_add(n, Ordering::Relaxed);
-                    Ok((first, last))
-                }
+                Ok(()) => Ok((first, last)),
                 Err(e) => Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string()))),
             };
             let _ = commit.reply.send(answer);
         }
+        if result.is_ok() && self.active_is_large() {
+            self.rotate();
+        }
     }
 
-    fn write_durably(&mut self, buffer: &[u8], last_seq: u64) -> io::Result<()> {
+    /// Writes and fsyncs a batch, then publishes it to readers: the new
+    /// last sequence number and the pending count change together, under
+    /// the lock, so a reader never acknowledges records not yet counted.
+    fn write_durably(&mut self, buffer: &[u8], last_seq: u64, records: u64) -> io::Result<()> {
         self.file.write_all(buffer)?;
         self.file.sync_data()?;
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        let mut state = lock(&self.state);
+        if let Some(active) = state.segments.back_mut() {
+            active.last_seq = last_seq;
+            active.bytes += buffer.len() as u64;
+        }
         self.stats
             .bytes
             .fetch_add(buffer.len() as u64, Ordering::Relaxed);
-        let rotate = {
-            let mut state = lock(&self.state);
-            let acked = state.acked;
-            let Some(active) = state.segments.back_mut() else {
-                return Ok(());
-            };
-            active.last_seq = last_seq;
-            active.bytes += buffer.len() as u64;
-            active.bytes >= self.config.segment_bytes || active.last_seq <= acked
-        };
-        if rotate {
-            let (file, path) = new_segment(&self.config.dir, self.next_seq)?;
-            self.file = file;
-            lock(&self.state).segments.push_back(Segment {
-                path,
-                last_seq: 0,
-                bytes: 0,
-            });
-        }
+        self.stats.pending.fetch_add(records, Ordering::Relaxed);
+        self.stats.appended.fetch_add(records, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn active_is_large(&self) -> bool {
+        let state = lock(&self.state);
+        state
+            .segments
+            .back()
+            .is_some_and(|a| a.bytes >= self.config.segment_bytes)
+    }
+
+    fn retire_acked_active(&mut self) {
+        let acked_active = {
+            let state = lock(&self.state);
+            state
+                .segments
+                .back()
+                .is_some_and(|a| a.bytes > 0 && a.last_seq <= state.acked)
+        };
+        if acked_active {
+            self.rotate();
+            // Everything before the new active segment is acknowledged.
+            let retired: Vec<Segment> = {
+                let mut state = lock(&self.state);
+                let keep_from = state.segments.len().saturating_sub(1);
+                let acked = state.acked;
+                let mut retired = Vec::new();
+                let mut kept = VecDeque::new();
+                for (i, segment) in state.segments.drain(..).enumerate() {
+                    if i < keep_from && segment.last_seq <= acked {
+                        retired.push(segment);
+                    } else {
+                        kept.push_back(segment);
+                    }
+                }
+                state.segments = kept;
+                retired
+            };
+            for segment in retired {
+                if let Err(error) = fs::remove_file(&segment.path) {
+                    tracing::warn!(%error, segment = %segment.path.display(), "could not delete spool segment");
+                    continue;
+                }
+                self.stats.bytes.fetch_sub(segment.bytes, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Starts a new segment. On failure the current one stays in use: the
+    /// data written is safe, and rotation is tried again later.
+    fn rotate(&mut self) {
+        match new_segment(&self.config.dir, self.next_seq) {
+            Ok((file, path)) => {
+                self.file = file;
+                lock(&self.state).segments.push_back(Segment {
+                    path,
+                    last_seq: 0,
+                    bytes: 0,
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not start a new spool segment; keeping the current one")
+            }
+        }
     }
 }
 
@@ -527,11 +607,17 @@ mod tests {
         fill(&spool, 300).await;
         assert_eq!(spool.pending(), 300);
         let expected = texts((0..300).map(record));
-        assert_eq!(data(&spool.read_pending(1000).unwrap()), expected);
+        assert_eq!(
+            data(&spool.read_pending(1000, usize::MAX).unwrap()),
+            expected
+        );
         drop(spool);
         let reopened = Spool::open(config(dir.path())).unwrap();
         assert_eq!(reopened.pending(), 300);
-        assert_eq!(data(&reopened.read_pending(1000).unwrap()), expected);
+        assert_eq!(
+            data(&reopened.read_pending(1000, usize::MAX).unwrap()),
+            expected
+        );
         assert_eq!(reopened.stats().corrupt_regions.load(Ordering::Relaxed), 0);
     }
 
@@ -549,8 +635,11 @@ mod tests {
             task.await.unwrap().unwrap();
         }
         assert_eq!(spool.pending(), 128);
+        // Group commit: fewer fsyncs than appends.
+        let syncs = spool.stats().syncs.load(Ordering::Relaxed);
+        assert!(syncs < 64, "{syncs} fsyncs for 64 concurrent appends");
         let seqs: Vec<u64> = spool
-            .read_pending(1000)
+            .read_pending(1000, usize::MAX)
             .unwrap()
             .iter()
             .map(|r| r.0)
@@ -565,18 +654,21 @@ mod tests {
         fill(&spool, 500).await;
         let segments_before = segment_paths(dir.path()).unwrap().len();
         assert!(segments_before > 2, "{segments_before} segments");
-        let first = spool.read_pending(400).unwrap();
+        let first = spool.read_pending(400, usize::MAX).unwrap();
         spool
             .ack(first.last().unwrap().0, first.len() as u64)
             .unwrap();
         assert_eq!(spool.pending(), 100);
         assert!(segment_paths(dir.path()).unwrap().len() < segments_before);
-        let rest = spool.read_pending(1000).unwrap();
+        let rest = spool.read_pending(1000, usize::MAX).unwrap();
         assert_eq!(data(&rest), texts((400..500).map(record)));
         // The cursor survives a restart.
         drop(spool);
         let reopened = Spool::open(config(dir.path())).unwrap();
-        assert_eq!(data(&reopened.read_pending(1000).unwrap()), data(&rest));
+        assert_eq!(
+            data(&reopened.read_pending(1000, usize::MAX).unwrap()),
+            data(&rest)
+        );
     }
 
     #[tokio::test]
@@ -597,9 +689,20 @@ mod tests {
         }
         assert!((10..20).contains(&accepted), "{accepted} accepted");
         assert!(spool.stats().full.load(Ordering::Relaxed));
+        // Once everything is acknowledged, there is room again, even though
+        // the limit is smaller than a segment.
+        let all = spool.read_pending(1000, usize::MAX).unwrap();
+        spool.ack(all.last().unwrap().0, all.len() as u64).unwrap();
+        assert_eq!(spool.pending(), 0);
+        for i in 0..accepted {
+            spool.append(vec![record(i as usize)]).await.unwrap();
+        }
         assert_eq!(spool.pending(), accepted);
         // What was accepted is all there.
-        assert_eq!(spool.read_pending(1000).unwrap().len() as u64, accepted);
+        assert_eq!(
+            spool.read_pending(1000, usize::MAX).unwrap().len() as u64,
+            accepted
+        );
     }
 
     #[tokio::test]
@@ -624,12 +727,12 @@ mod tests {
         let stats = reopened.stats();
         assert_eq!(stats.corrupt_regions.load(Ordering::Relaxed), 1);
         assert!(stats.torn_bytes.load(Ordering::Relaxed) > 0);
-        let kept = data(&reopened.read_pending(1000).unwrap());
+        let kept = data(&reopened.read_pending(1000, usize::MAX).unwrap());
         let expected = texts((0..99).filter(|i| *i != 50).map(record));
         assert_eq!(kept, expected);
         // New appends go to a fresh segment, after the damage.
         reopened.append(vec![record(1000)]).await.unwrap();
-        let last = reopened.read_pending(1000).unwrap();
+        let last = reopened.read_pending(1000, usize::MAX).unwrap();
         assert_eq!(
             data(&last[last.len() - 1..]),
             texts([record(1000)].into_iter())

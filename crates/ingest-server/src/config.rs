@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Where `main` listens (tests pass their own listener).
     pub listen: SocketAddr,
-    /// Redis, with AOF on (`redis://host:6379/`).
-    #[serde(serialize_with = "redact")]
+    /// Redis, with AOF on (`redis://host:6379/`). Secret: it may carry a
+    /// password. Never serialized; a missing value takes the default.
+    #[serde(skip_serializing)]
     pub redis_url: SecretString,
     /// Prefix of every Redis key this server writes.
     pub stream_prefix: String,
@@ -34,6 +35,11 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Most bytes of a request body after gzip decompression.
     pub max_decoded_body_bytes: usize,
+    /// Most event requests being handled at once; beyond it, 503
+    /// `overloaded`. Bounds memory: each may hold a decoded body.
+    pub max_in_flight: usize,
+    /// Longest a client may take to send its body.
+    pub body_timeout_ms: u64,
     /// Class ingest tokens: the extension sends one as `?token=` or
     /// `Authorization: Bearer`.
     pub classes: Vec<ClassToken>,
@@ -75,7 +81,8 @@ impl Default for SpoolSettings {
 #[serde(deny_unknown_fields)]
 pub struct ClassToken {
     pub class_id: ClassId,
-    #[serde(serialize_with = "redact")]
+    /// Never serialized.
+    #[serde(skip_serializing)]
     pub token: SecretString,
 }
 
@@ -111,6 +118,8 @@ impl Default for Config {
             redis_watch_ms: 1_000,
             max_body_bytes: 1024 * 1024,
             max_decoded_body_bytes: 8 * 1024 * 1024,
+            max_in_flight: 512,
+            body_timeout_ms: 30_000,
             classes: Vec::new(),
             open_class: None,
             rate_limit: RateLimit::default(),
@@ -127,7 +136,12 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            .merge(Env::prefixed("CELLMON_INGEST_").split("__"))
+            // CELLMON_INGEST_CONFIG names the file; it is not a setting.
+            .merge(
+                Env::prefixed("CELLMON_INGEST_")
+                    .ignore(&["config"])
+                    .split("__"),
+            )
             .extract()
             .map_err(Box::new)
     }
@@ -137,6 +151,63 @@ impl Config {
     }
 }
 
-fn redact<S: serde::Serializer, T>(_: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str("[redacted]")
+#[cfg(test)]
+#[allow(
+    clippy::result_large_err,
+    reason = "figment::Jail's closures must return figment's own Result"
+)]
+mod tests {
+    use secrecy::ExposeSecret as _;
+
+    use super::*;
+
+    #[test]
+    fn defaults_survive_loading() {
+        figment::Jail::expect_with(|_| {
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.redis_url.expose_secret(), "redis://127.0.0.1:6379/");
+            assert_eq!(config.stream_shards, 4);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_environment_and_the_config_variable_is_not_a_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "ingest.toml",
+                r#"
+                redis_url = "redis://from-file:6379/"
+                stream_shards = 8
+                [[classes]]
+                class_id = "6f1e3a52-0c57-4d1e-a4f5-3b0b6a2d9c11"
+                token = "secret-token"
+                "#,
+            )?;
+            jail.set_env("CELLMON_INGEST_CONFIG", "ingest.toml");
+            jail.set_env("CELLMON_INGEST_STREAM_SHARDS", "16");
+            jail.set_env("CELLMON_INGEST_SPOOL__MAX_BYTES", "1000000");
+            let config = Config::load(Some(Path::new("ingest.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.redis_url.expose_secret(), "redis://from-file:6379/");
+            assert_eq!(config.stream_shards, 16);
+            assert_eq!(config.spool.max_bytes, 1_000_000);
+            assert_eq!(config.classes[0].token.expose_secret(), "secret-token");
+            // Debug output never shows secrets.
+            let debug = format!("{config:?}");
+            assert!(
+                !debug.contains("secret-token") && !debug.contains("from-file"),
+                "{debug}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CELLMON_INGEST_REDIS_TIMOUT_MS", "5");
+            assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
 }

@@ -26,6 +26,10 @@ pub enum ApiError {
     RateLimited(Duration),
     #[error("events cannot be stored right now; retry later")]
     Unavailable,
+    #[error("the server is at its limit of requests in flight; retry later")]
+    Overloaded,
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
 }
 
 /// One refused item of a batch.
@@ -49,7 +53,8 @@ impl ApiError {
             Self::NothingValid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -64,6 +69,8 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::RateLimited(_) => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::Overloaded => "overloaded",
+            Self::BodyTimeout(_) => "body_timeout",
         }
     }
 }
@@ -97,7 +104,7 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), Json(body)).into_response();
         let retry_after = match &self {
             Self::RateLimited(wait) => Some(wait.as_secs().max(1)),
-            Self::Unavailable => Some(1),
+            Self::Unavailable | Self::Overloaded => Some(1),
             _ => None,
         };
         if let Some(secs) = retry_after {

@@ -7,22 +7,17 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cellmon_domain::envelope::StreamEvent;
 use cellmon_domain::{DecodeError, WireEvent, decode_batch, validate};
 use http_body_util::BodyExt as _;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::AppState;
 use crate::error::{ApiError, Rejected};
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct TokenQuery {
-    token: Option<String>,
-}
 
 /// The answer to an accepted request.
 #[derive(Debug, Serialize)]
@@ -44,12 +39,12 @@ pub(crate) struct Accepted {
 pub(crate) async fn post_events(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(query): Query<TokenQuery>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let result = handle(&state, peer, query, &headers, body).await;
+    let result = handle(&state, peer, query.as_deref(), &headers, body).await;
     let response = match result {
         Ok(accepted) => (StatusCode::ACCEPTED, Json(accepted)).into_response(),
         Err(error) => error.into_response(),
@@ -66,17 +61,29 @@ pub(crate) async fn post_events(
 async fn handle(
     state: &AppState,
     peer: SocketAddr,
-    query: TokenQuery,
+    query: Option<&str>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Accepted, ApiError> {
-    if let Err(not_until) = state.limiter.check_key(&peer.ip()) {
+    let _permit = state
+        .in_flight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded)?;
+    if let Err(not_until) = state.limiter.check_key(&client_key(peer.ip())) {
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));
         return Err(ApiError::RateLimited(wait));
     }
-    let token = query.token.or_else(|| bearer(headers));
+    // The first `token` parameter; any other parameter is ignored.
+    let token = query
+        .and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(key, _)| key == "token")
+                .map(|(_, value)| value.into_owned())
+        })
+        .or_else(|| bearer(headers));
     let class_id = state
         .tokens
         .class_for(token.as_deref())
@@ -150,6 +157,20 @@ async fn handle(
     })
 }
 
+/// Whom the rate limit counts: the address, or for IPv6 its /64 (one
+/// machine or site usually has a whole /64 to rotate through).
+fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let token = value
@@ -186,18 +207,28 @@ async fn drain(mut body: Body) {
 /// the decoded limit (a gzip bomb stops at the limit, not at the end).
 async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let max = state.config.max_body_bytes;
+    let timeout = std::time::Duration::from_millis(state.config.body_timeout_ms);
     let mut body = body;
     let mut raw = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| ApiError::BadRequest("the body could not be read".into()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if raw.len() + data.len() > max {
-            drain(body).await;
-            return Err(ApiError::TooLarge(format!("the body is over {max} bytes")));
+    let read = tokio::time::timeout(timeout, async {
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| ApiError::BadRequest("the body could not be read".into()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if raw.len() + data.len() > max {
+                return Ok(false);
+            }
+            raw.extend_from_slice(&data);
         }
-        raw.extend_from_slice(&data);
+        Ok(true)
+    })
+    .await
+    .map_err(|_| ApiError::BodyTimeout(timeout))?;
+    if !read? {
+        drain(body).await;
+        return Err(ApiError::TooLarge(format!("the body is over {max} bytes")));
     }
     let raw = Bytes::from(raw);
     let encoding = headers
@@ -225,5 +256,24 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
             .map_err(|_| ApiError::Unavailable)?
         }
         Some(other) => Err(ApiError::UnsupportedEncoding(other.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_keys_group_ipv6_by_64() {
+        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let other: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(other));
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(
+            client_key(mapped),
+            "192.0.2.7".parse::<std::net::IpAddr>().unwrap()
+        );
     }
 }

@@ -59,6 +59,7 @@ pub struct AppState {
     spool: Spool,
     metrics: Metrics,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -100,6 +101,7 @@ impl AppState {
             .unwrap_or(std::num::NonZeroU32::MIN);
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
         Ok(Self {
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             tokens: Arc::new(Tokens::from_config(&config)),
             config: Arc::new(config),
             producer,

@@ -9,8 +9,10 @@ use cellmon_domain::envelope::StreamEvent;
 use crate::AppState;
 use crate::error::ApiError;
 
-/// Records per replay round trip.
+/// Records per replay round trip, and about how many bytes: a round must
+/// fit well within the Redis timeout.
 const REPLAY_BATCH: usize = 500;
+const REPLAY_BYTES: usize = 1024 * 1024;
 
 /// Writes `events` to the spool durably, or says why the request must get
 /// 503 (spool full or failing).
@@ -51,7 +53,9 @@ pub(crate) fn refresh_gauges(state: &AppState) {
 /// many were delivered (0 when the spool is empty).
 async fn replay_once(state: &AppState) -> anyhow::Result<usize> {
     let spool = state.spool.clone();
-    let records = tokio::task::spawn_blocking(move || spool.read_pending(REPLAY_BATCH)).await??;
+    let records =
+        tokio::task::spawn_blocking(move || spool.read_pending(REPLAY_BATCH, REPLAY_BYTES))
+            .await??;
     let Some(&(last_seq, _)) = records.last() else {
         return Ok(0);
     };
@@ -79,9 +83,13 @@ async fn replay_once(state: &AppState) -> anyhow::Result<usize> {
 /// Replays until the spool is empty or `deadline` passes.
 pub(crate) async fn drain(state: &AppState, deadline: Instant) {
     while Instant::now() < deadline && state.spool.pending() > 0 {
-        if let Err(error) = replay_once(state).await {
-            tracing::warn!(%error, left = state.spool.pending(), "spool drain stopped");
-            return;
+        match replay_once(state).await {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, left = state.spool.pending(), "spool drain stopped");
+                return;
+            }
         }
     }
 }
@@ -96,6 +104,8 @@ pub(crate) async fn run(state: AppState) {
             continue;
         }
         match replay_once(&state).await {
+            // Counted as pending but not readable yet: do not spin.
+            Ok(0) => tokio::time::sleep(Duration::from_millis(50)).await,
             Ok(_) => backoff = Duration::from_millis(100),
             Err(error) => {
                 tracing::debug!(%error, pending = state.spool.pending(), "replay failed; will retry");

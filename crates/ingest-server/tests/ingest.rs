@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{Ingest, assert_stored_exactly, cell_executed, load, post, uuid};
+use common::{Ingest, assert_stored_exactly, cell_executed, load, metric, post, uuid};
 
 #[tokio::test]
 async fn real_extension_payloads_are_accepted_with_their_ids() -> anyhow::Result<()> {
@@ -216,6 +216,10 @@ async fn bad_input() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(status, 401);
+    // A repeated or odd query string: the first token counts.
+    let odd = format!("{no_token}?token={}&token=x&%zz", ingest.token);
+    let (status, body) = post(&http, &odd, &json!([cell_executed("a@b.jp", 1)])).await?;
+    assert_eq!(status, 202, "{body}");
 
     // A mixed batch: wrong types, 1e400, a huge code field and a bad e-mail
     // are reported by index; the valid items are still accepted.
@@ -259,7 +263,7 @@ async fn bad_input() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(status, 202);
-    assert_eq!(ingest.stored_ids(&backends).await?.len(), 3);
+    assert_eq!(ingest.stored_ids(&backends).await?.len(), 4);
     Ok(())
 }
 
@@ -388,6 +392,26 @@ async fn spool_full() -> anyhow::Result<()> {
 
     backends.stack.redis.proxy().clear();
     assert_stored_exactly(&ingest, &backends, &ok, &refused).await?;
+
+    // Drained, the spool has room again for the next outage.
+    cellmon_harness::eventually(Duration::from_secs(10), || async {
+        let text = ingest.metrics().await?;
+        anyhow::ensure!(
+            metric(&text, "cellmon_spool_pending_events") == Some(0.0),
+            "not drained"
+        );
+        Ok(())
+    })
+    .await?;
+    backends.stack.redis.proxy().set_fault(Fault::Down);
+    let (again, refused_again, _) = load(ingest.events_url(), 5).await?;
+    assert_eq!(
+        (again.len(), refused_again.len()),
+        (5, 0),
+        "no room after draining"
+    );
+    backends.stack.redis.proxy().clear();
+    assert_stored_exactly(&ingest, &backends, &again, &[]).await?;
     Ok(())
 }
 
@@ -478,7 +502,9 @@ async fn ingest_kill() -> anyhow::Result<()> {
 
     let mut child = spawn(port)?;
     wait_live().await?;
-    backends.stack.redis.proxy().set_fault(Fault::Hang);
+    // Down, not Hang: nothing held in a buffer can reach Redis later, so
+    // only the spool's replay can deliver these.
+    backends.stack.redis.proxy().set_fault(Fault::Down);
     let (ok, refused, _) = load(format!("{url}/api/v1/events"), 20).await?;
     assert_eq!(ok.len(), 20, "refused: {refused:?}");
     child.start_kill()?;

@@ -12,7 +12,7 @@ use serde_json::json;
 
 mod common;
 
-use common::{Ingest, assert_stored_exactly, cell_executed};
+use common::{Ingest, assert_stored_exactly, cell_executed, metric};
 
 /// The ledger of a load run.
 #[derive(Debug, Default)]
@@ -189,6 +189,11 @@ async fn redis_hang() -> anyhow::Result<()> {
         percentile(during, 0.99)
     );
     assert_stored_exactly(&ingest, &backends, &ledger.ok, &ledger.refused).await?;
+    let text = ingest.metrics().await?;
+    assert!(
+        metric(&text, "cellmon_events_spooled_total").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
     Ok(())
 }
 
@@ -215,15 +220,11 @@ async fn redis_amnesia() -> anyhow::Result<()> {
             Ok::<_, anyhow::Error>(ok)
         }
     };
-    let metric = |name: &'static str| {
+    let value = |name: &'static str| {
         let ingest = &ingest;
         async move {
             let text = ingest.metrics().await?;
-            Ok::<_, anyhow::Error>(
-                text.lines()
-                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
-                    .unwrap_or(0),
-            )
+            Ok::<_, anyhow::Error>(metric(&text, name).unwrap_or(0.0) as u64)
         }
     };
 
@@ -238,13 +239,13 @@ async fn redis_amnesia() -> anyhow::Result<()> {
 
     cellmon_harness::eventually(Duration::from_secs(10), || async {
         anyhow::ensure!(
-            metric("cellmon_redis_amnesia_total ").await? == 1,
+            value("cellmon_redis_amnesia_total").await? == 1,
             "amnesia not detected yet"
         );
         Ok(())
     })
     .await?;
-    assert_eq!(metric("cellmon_redis_restarts_total ").await?, 1);
+    assert_eq!(value("cellmon_redis_restarts_total").await?, 1);
     // No crash loop: the server is up, ready, and stores new events in the
     // new Redis.
     let ready = http

@@ -190,6 +190,11 @@ pub(crate) async fn load(
     Ok((ok, refused, latencies))
 }
 
+/// Every acknowledged id is in the stream and no refused one is. Repeats of
+/// an id in the stream are allowed here: a hand-off that timed out may
+/// still have reached Redis before the events were spooled and replayed;
+/// the persisters store each id once. (The no-fault test checks that the
+/// stream has no repeats at all.)
 pub(crate) async fn assert_stored_exactly(
     ingest: &Ingest,
     backends: &TestBackends,
@@ -217,4 +222,12 @@ pub(crate) async fn assert_stored_exactly(
         "refused events were stored: {unexpected:?}"
     );
     Ok(())
+}
+
+/// The value of a metric line `name value` (no labels), exactly.
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok()).flatten()
+    })
 }
