@@ -54,6 +54,9 @@ impl Ingest {
             ..Config::default()
         };
         config.spool.dir = spool_dir.to_owned();
+        // Tests without faults must not spool because a shared CI machine
+        // was slow for a moment; fault tests set their own short timeouts.
+        config.redis_timeout_ms = 10_000;
         tune(&mut config);
         let keys = StreamKeys::new(config.stream_prefix.clone(), config.stream_shards);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
