@@ -146,16 +146,7 @@ impl Docker {
     /// gone (a test run that was killed before it could clean up). Returns
     /// how many. A container that vanishes meanwhile is not an error.
     pub async fn sweep_orphans(&self) -> Result<usize, DockerError> {
-        let filters = HashMap::from([("label".to_owned(), vec![LABEL.to_owned()])]);
-        let list = self
-            .client
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..ListContainersOptions::default()
-            }))
-            .await
-            .map_err(call("list"))?;
+        let list = self.list().await?;
         let here = owner_host();
         let mut removed = 0;
         for summary in list {
@@ -182,20 +173,25 @@ impl Docker {
     pub async fn list_harness_containers(
         &self,
     ) -> Result<Vec<HashMap<String, String>>, DockerError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .map(|c| c.labels.unwrap_or_default())
+            .collect())
+    }
+
+    /// Every harness container, in any state.
+    async fn list(&self) -> Result<Vec<bollard::models::ContainerSummary>, DockerError> {
         let filters = HashMap::from([("label".to_owned(), vec![LABEL.to_owned()])]);
-        let list = self
-            .client
+        self.client
             .list_containers(Some(ListContainersOptions {
                 all: true,
                 filters: Some(filters),
                 ..ListContainersOptions::default()
             }))
             .await
-            .map_err(call("list"))?;
-        Ok(list
-            .into_iter()
-            .map(|c| c.labels.unwrap_or_default())
-            .collect())
+            .map_err(call("list"))
     }
 
     async fn remove(&self, id: &str) -> Result<(), DockerError> {

@@ -6,18 +6,18 @@ use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use cellmon_bus::{StreamKeys, codec};
+use cellmon_bus::StreamKeys;
 use cellmon_domain::lms::ClassId;
 use cellmon_harness::fixture::TestBackends;
 use cellmon_harness::proxy::Fault;
 use cellmon_ingest::config::RateLimit;
-use redis::AsyncCommands as _;
-use redis::streams::StreamRangeReply;
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{Ingest, assert_stored_exactly, cell_executed, load, metric, post, uuid};
+use common::{
+    Ingest, assert_stored_exactly, cell_executed, load, metric, post, stream_events, uuid,
+};
 
 #[tokio::test]
 async fn real_extension_payloads_are_accepted_with_their_ids() -> anyhow::Result<()> {
@@ -531,17 +531,13 @@ async fn ingest_kill() -> anyhow::Result<()> {
     let _child = spawn(port)?;
     wait_live().await?;
     let keys = StreamKeys::new(backends.redis_prefix(), 4);
-    let client = redis::Client::open(backends.redis_url())?;
     let started = std::time::Instant::now();
     cellmon_harness::eventually(Duration::from_secs(10), || async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let mut stored = HashSet::new();
-        for key in keys.all_events() {
-            let reply: StreamRangeReply = conn.xrange_all(&key).await?;
-            for entry in reply.ids {
-                stored.insert(codec::decode(&entry.map)?.event.id.to_string());
-            }
-        }
+        let stored: HashSet<String> = stream_events(&backends.redis_url(), &keys)
+            .await?
+            .into_iter()
+            .map(|e| e.event.id.to_string())
+            .collect();
         let lost = ok.iter().filter(|id| !stored.contains(*id)).count();
         anyhow::ensure!(lost == 0, "{lost} acknowledged events not replayed yet");
         Ok(())
@@ -577,15 +573,11 @@ async fn open_mode_bearer_tokens_cors_and_metrics() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(response.status(), 202);
-    let client = redis::Client::open(backends.redis_url())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let mut classes = HashSet::new();
-    for key in ingest.keys.all_events() {
-        let reply: StreamRangeReply = conn.xrange_all(&key).await?;
-        for entry in reply.ids {
-            classes.insert(codec::decode(&entry.map)?.class_id);
-        }
-    }
+    let classes: HashSet<ClassId> = stream_events(&backends.redis_url(), &ingest.keys)
+        .await?
+        .into_iter()
+        .map(|e| e.class_id)
+        .collect();
     assert_eq!(classes, HashSet::from([open_class, ingest.class_id]));
 
     // The browser's preflight from a Jupyter origin.

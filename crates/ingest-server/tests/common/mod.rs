@@ -117,16 +117,11 @@ impl Ingest {
 
     /// Every event id in this test's streams, with repeats.
     pub(crate) async fn stored_ids(&self, backends: &TestBackends) -> anyhow::Result<Vec<String>> {
-        let client = redis::Client::open(backends.redis_url())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let mut ids = Vec::new();
-        for key in self.keys.all_events() {
-            let reply: StreamRangeReply = conn.xrange_all(&key).await?;
-            for entry in reply.ids {
-                ids.push(codec::decode(&entry.map)?.event.id.to_string());
-            }
-        }
-        Ok(ids)
+        Ok(stream_events(&backends.redis_url(), &self.keys)
+            .await?
+            .into_iter()
+            .map(|e| e.event.id.to_string())
+            .collect())
     }
 }
 
@@ -233,4 +228,21 @@ pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
         let (key, value) = line.split_once(' ')?;
         (key == name).then(|| value.trim().parse().ok()).flatten()
     })
+}
+
+/// Every event in the streams named by `keys`, decoded, with repeats.
+pub(crate) async fn stream_events(
+    redis_url: &str,
+    keys: &StreamKeys,
+) -> anyhow::Result<Vec<cellmon_domain::envelope::StreamEvent>> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut events = Vec::new();
+    for key in keys.all_events() {
+        let reply: StreamRangeReply = conn.xrange_all(&key).await?;
+        for entry in reply.ids {
+            events.push(codec::decode(&entry.map)?);
+        }
+    }
+    Ok(events)
 }
