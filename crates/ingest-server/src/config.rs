@@ -70,7 +70,8 @@ impl Default for SpoolSettings {
         Self {
             dir: PathBuf::from("data/ingest-spool"),
             max_bytes: 1024 * 1024 * 1024,
-            segment_bytes: 64 * 1024 * 1024,
+            // Replay re-reads a segment per round; small segments keep that cheap.
+            segment_bytes: 8 * 1024 * 1024,
             drain_on_shutdown_ms: 5_000,
         }
     }
