@@ -258,30 +258,16 @@ impl Spool {
     /// pending) and deletes segments holding nothing else.
     pub fn ack(&self, through: u64, count: u64) -> Result<(), SpoolError> {
         write_cursor(&self.config.dir, through)?;
-        let mut removable = Vec::new();
-        {
+        let removable = {
             let mut state = lock(&self.state);
             state.acked = state.acked.max(through);
-            // The last segment is the one being written; it stays.
-            while state.segments.len() > 1
-                && state
-                    .segments
-                    .front()
-                    .is_some_and(|s| s.last_seq <= state.acked)
-            {
-                if let Some(segment) = state.segments.pop_front() {
-                    removable.push(segment);
-                }
-            }
-        }
+            take_acked_segments(&mut state)
+        };
         self.stats.pending.fetch_sub(
             count.min(self.stats.pending.load(Ordering::Relaxed)),
             Ordering::Relaxed,
         );
-        for segment in removable {
-            fs::remove_file(&segment.path)?;
-            self.stats.bytes.fetch_sub(segment.bytes, Ordering::Relaxed);
-        }
+        delete_segments(&self.stats, removable);
         self.stats.full.store(false, Ordering::Relaxed);
         Ok(())
     }
@@ -389,30 +375,8 @@ impl Committer {
         };
         if acked_active {
             self.rotate();
-            // Everything before the new active segment is acknowledged.
-            let retired: Vec<Segment> = {
-                let mut state = lock(&self.state);
-                let keep_from = state.segments.len().saturating_sub(1);
-                let acked = state.acked;
-                let mut retired = Vec::new();
-                let mut kept = VecDeque::new();
-                for (i, segment) in state.segments.drain(..).enumerate() {
-                    if i < keep_from && segment.last_seq <= acked {
-                        retired.push(segment);
-                    } else {
-                        kept.push_back(segment);
-                    }
-                }
-                state.segments = kept;
-                retired
-            };
-            for segment in retired {
-                if let Err(error) = fs::remove_file(&segment.path) {
-                    tracing::warn!(%error, segment = %segment.path.display(), "could not delete spool segment");
-                    continue;
-                }
-                self.stats.bytes.fetch_sub(segment.bytes, Ordering::Relaxed);
-            }
+            let retired = take_acked_segments(&mut lock(&self.state));
+            delete_segments(&self.stats, retired);
         }
     }
 
@@ -430,6 +394,37 @@ impl Committer {
             }
             Err(error) => {
                 tracing::warn!(%error, "could not start a new spool segment; keeping the current one")
+            }
+        }
+    }
+}
+
+/// Removes from the list the oldest segments whose records are all
+/// acknowledged. The last segment is the one being written; it stays.
+fn take_acked_segments(state: &mut State) -> Vec<Segment> {
+    let mut taken = Vec::new();
+    while state.segments.len() > 1
+        && state
+            .segments
+            .front()
+            .is_some_and(|s| s.last_seq <= state.acked)
+    {
+        taken.extend(state.segments.pop_front());
+    }
+    taken
+}
+
+/// Deletes acknowledged segments. A file that cannot be deleted is logged
+/// and left (it holds nothing to replay); the acknowledgement itself has
+/// already been made durable, so it is not reported as failed.
+fn delete_segments(stats: &SpoolStats, segments: Vec<Segment>) {
+    for segment in segments {
+        match fs::remove_file(&segment.path) {
+            Ok(()) => {
+                stats.bytes.fetch_sub(segment.bytes, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::warn!(%error, segment = %segment.path.display(), "could not delete spool segment");
             }
         }
     }
