@@ -19,6 +19,14 @@ use common::{
     Ingest, assert_stored_exactly, cell_executed, load, metric, post, stream_events, uuid,
 };
 
+/// No rate limit: for tests that send more than a classroom would.
+fn unlimited(config: &mut cellmon_ingest::Config) {
+    config.rate_limit = RateLimit {
+        per_second: 100_000,
+        burst: 100_000,
+    };
+}
+
 #[tokio::test]
 async fn real_extension_payloads_are_accepted_with_their_ids() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
@@ -64,13 +72,7 @@ async fn real_extension_payloads_are_accepted_with_their_ids() -> anyhow::Result
 async fn ten_thousand_events_from_a_hundred_students_are_in_the_stream_exactly()
 -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, |c| {
-        c.rate_limit = RateLimit {
-            per_second: 100_000,
-            burst: 100_000,
-        }
-    })
-    .await?;
+    let ingest = Ingest::start(&backends, unlimited).await?;
     let http = reqwest::Client::new();
 
     // Batches of 1 to 200 events, sizes from a fixed pseudo-random sequence.
@@ -151,13 +153,7 @@ async fn raw(
 #[tokio::test]
 async fn bad_input() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, |c| {
-        c.rate_limit = RateLimit {
-            per_second: 100_000,
-            burst: 100_000,
-        }
-    })
-    .await?;
+    let ingest = Ingest::start(&backends, unlimited).await?;
     let http = reqwest::Client::new();
     let url = ingest.events_url();
     let code_of = |body: &Value| {
