@@ -16,6 +16,7 @@
 //! * [`status`]: help, significant error, error, active and idle.
 //! * [`envelope`]: [`envelope::StreamEvent`], what producers and consumers
 //!   of the event stream exchange.
+//! * [`live`]: the status updates and alerts published to live dashboards.
 //!
 //! ```
 //! use cellmon_domain::{decode_batch, validate, WireEvent};
@@ -35,6 +36,7 @@ pub mod event;
 pub mod fields;
 pub mod id;
 pub mod limits;
+pub mod live;
 pub mod lms;
 pub mod status;
 pub mod wire;

@@ -45,6 +45,7 @@ pub const HELP_WINDOW: Duration = Duration::minutes(5);
 /// An event's place in the canonical order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OrderKey {
+    #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
     pub id: EventId,
 }
@@ -183,6 +184,7 @@ pub struct StudentStatus {
     pub help: Vec<HelpRequest>,
     pub significant_errors: Vec<SignificantError>,
     pub last_execution_failed: bool,
+    #[serde(with = "time::serde::rfc3339::option")]
     pub last_activity: Option<OffsetDateTime>,
     pub executions: u32,
     pub failed_executions: u32,

@@ -17,7 +17,7 @@ pub const TEMPLATE_DB: &str = "cellmon_template";
 
 /// The schema's migrations, applied to the template in order. Crates that
 /// own a schema add their migrator here.
-pub static MIGRATIONS: &[&Migrator] = &[];
+pub static MIGRATIONS: &[&Migrator] = &[&cellmon_store::MIGRATOR];
 
 /// Creates and migrates the template unless it already exists. The template
 /// then refuses connections, so nothing can block the clones.

@@ -1,0 +1,24 @@
+//! Cell Monitor's storage, reusable by any service that reads or writes
+//! the class data.
+//!
+//! * [`MIGRATOR`]: the Postgres schema (`migrations/`), applied at start-up
+//!   by the persister and once per test run into the harness's template.
+//! * [`pg`]: the batch writer: one transaction per batch, one set-based
+//!   insert per table, `ON CONFLICT DO NOTHING` on the event id.
+//! * [`status`]: derived status after a commit (one query per batch), the
+//!   stored snapshot, instructor actions.
+//! * [`influx`]: line protocol for events and the v1 `/write` client.
+//! * [`ids`]: row keys derived from natural keys.
+//! * [`error`]: [`StoreError`], with [`StoreError::is_transient`] telling a
+//!   writer whether to retry or to set the input aside.
+
+pub mod error;
+pub mod ids;
+pub mod influx;
+pub mod pg;
+pub mod status;
+
+pub use error::StoreError;
+
+/// The schema's migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();

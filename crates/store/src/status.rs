@@ -1,0 +1,362 @@
+//! Derived status after a commit: load what the status rules need for the
+//! students a batch touched (one query for the whole batch), apply the pure
+//! rules of `cellmon_domain::status`, and store the result.
+//!
+//! The rules see the events in canonical order (event time, then id) as
+//! stored, never in the order a worker received them, so the result depends
+//! only on *which* events are stored (ARCHITECTURE.md rule 5).
+//!
+//! What is loaded per student, so the work stays proportional to a batch
+//! and not to a student's whole history:
+//!
+//! * per cell, its runs since (and including) its newest success, at most
+//!   [`MAX_TRAILING_RUNS`]; a longer failure streak is reported as that many;
+//! * the newest [`MAX_HELP_EVENTS`] `help`/`help_stop` events;
+//! * the newest event of any type (last activity);
+//! * the instructor's dismissals and resolutions;
+//! * the execution counters kept by the writer.
+//!
+//! Concurrent persisters serialise per student: the load locks the
+//! students' rows (in id order), and the caller publishes the changes before
+//! committing, so the last status published for a student is computed from
+//! every event committed before it.
+
+use cellmon_domain::event::StudentKey;
+use cellmon_domain::fields::{ClientId, DisplayName, Email, NotebookPath};
+use cellmon_domain::id::EventId;
+use cellmon_domain::live::StudentRef;
+use cellmon_domain::lms::{ClassId, StudentId};
+use cellmon_domain::status::{
+    Activity, ActivityEvent, CellKey, HelpRequest, InstructorAction, OrderKey, StatusRules,
+    StudentStatus, derive_status, HELP_WINDOW,
+};
+use serde::Deserialize;
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::num::NonZeroU8;
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+use crate::error::StoreError;
+
+/// The most runs of one cell loaded per recompute.
+pub const MAX_TRAILING_RUNS: i64 = 64;
+/// The most help events of one student loaded per recompute.
+pub const MAX_HELP_EVENTS: i64 = 1_000;
+
+/// One student's status before and after the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusChange {
+    pub class_id: ClassId,
+    pub student: StudentRef,
+    pub before: Option<StudentStatus>,
+    pub after: StudentStatus,
+}
+
+/// Recomputed statuses, with the students' rows still locked. Publish the
+/// changes, then [`commit`](Self::commit) to store them and release the
+/// locks; dropping it stores nothing.
+#[derive(Debug)]
+pub struct Recomputed {
+    tx: Transaction<'static, Postgres>,
+    pub changes: Vec<StatusChange>,
+    now: OffsetDateTime,
+}
+
+#[derive(Deserialize)]
+struct Run {
+    event_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    event_time: OffsetDateTime,
+    has_error: bool,
+    notebook: Option<String>,
+    cell: String,
+}
+
+#[derive(Deserialize)]
+struct HelpRow {
+    event_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    event_time: OffsetDateTime,
+    kind: String,
+    notebook: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Latest {
+    event_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    event_time: OffsetDateTime,
+}
+
+#[derive(Deserialize)]
+struct Dismissal {
+    notebook: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    through_time: OffsetDateTime,
+    through_event_id: Uuid,
+}
+
+#[derive(Deserialize)]
+struct Resolution {
+    notebook: Option<String>,
+    cell: String,
+    #[serde(with = "time::serde::rfc3339")]
+    through_time: OffsetDateTime,
+    through_event_id: Uuid,
+}
+
+const LOAD: &str = "
+SELECT s.id, s.class_id, s.student_key, s.name, t.name AS team,
+       s.executions, s.failed_executions,
+       c.consecutive_error_threshold, c.idle_after_seconds,
+       st.detail AS before,
+       (SELECT coalesce(jsonb_agg(r), '[]'::jsonb) FROM (
+            SELECT x.event_id, x.event_time, x.has_error, n.path AS notebook,
+                   cl.client_cell_id AS cell
+            FROM cells cl
+            LEFT JOIN notebooks n ON n.id = cl.notebook_id
+            LEFT JOIN LATERAL (
+                SELECT ok.event_time, ok.event_id FROM cell_executions ok
+                WHERE ok.cell_id = cl.id AND NOT ok.has_error
+                ORDER BY ok.event_time DESC, ok.event_id DESC LIMIT 1
+            ) last_ok ON true
+            CROSS JOIN LATERAL (
+                SELECT e.event_id, e.event_time, e.has_error FROM cell_executions e
+                WHERE e.cell_id = cl.id
+                  AND (last_ok.event_time IS NULL
+                       OR (e.event_time, e.event_id) >= (last_ok.event_time, last_ok.event_id))
+                ORDER BY e.event_time DESC, e.event_id DESC LIMIT $2
+            ) x
+            WHERE cl.student_id = s.id) r) AS runs,
+       (SELECT coalesce(jsonb_agg(h), '[]'::jsonb) FROM (
+            SELECT event_id, event_time, kind, notebook_path AS notebook FROM help_events
+            WHERE student_id = s.id
+            ORDER BY event_time DESC, event_id DESC LIMIT $3) h) AS help,
+       (SELECT to_jsonb(l) FROM (
+            SELECT event_id, event_time FROM events WHERE student_id = s.id
+            ORDER BY event_time DESC, event_id DESC LIMIT 1) l) AS latest,
+       (SELECT coalesce(jsonb_agg(d), '[]'::jsonb) FROM (
+            SELECT notebook_path AS notebook, through_time, through_event_id
+            FROM help_dismissals WHERE student_id = s.id) d) AS dismissals,
+       (SELECT coalesce(jsonb_agg(v), '[]'::jsonb) FROM (
+            SELECT n.path AS notebook, cl.client_cell_id AS cell, r.through_time, r.through_event_id
+            FROM error_resolutions r
+            JOIN cells cl ON cl.id = r.cell_id
+            LEFT JOIN notebooks n ON n.id = cl.notebook_id
+            WHERE r.student_id = s.id) v) AS resolutions
+FROM students s
+JOIN classes c ON c.id = s.class_id
+LEFT JOIN teams t ON t.id = s.team_id
+LEFT JOIN student_status st ON st.student_id = s.id
+WHERE s.id = ANY($1)
+ORDER BY s.id
+FOR UPDATE OF s";
+
+fn key(time: OffsetDateTime, id: Uuid) -> OrderKey {
+    OrderKey {
+        time,
+        id: EventId::from_uuid(id),
+    }
+}
+
+fn path(raw: Option<String>) -> Result<Option<NotebookPath>, StoreError> {
+    raw.map(|p| NotebookPath::parse(&p).map_err(|e| StoreError::Corrupt(format!("path: {e}"))))
+        .transpose()
+}
+
+fn cell_key(notebook: Option<String>, cell: &str) -> Result<CellKey, StoreError> {
+    Ok(CellKey {
+        notebook: path(notebook)?,
+        cell: ClientId::parse(cell).map_err(|e| StoreError::Corrupt(format!("cell: {e}")))?,
+    })
+}
+
+fn student_key(text: &str) -> Result<StudentKey, StoreError> {
+    let corrupt = |e| StoreError::Corrupt(format!("student key {text:?}: {e}"));
+    match text.strip_prefix("user:") {
+        Some(id) => Ok(StudentKey::UserId(ClientId::parse(id).map_err(corrupt)?)),
+        None => Ok(StudentKey::Email(Email::parse(text).map_err(corrupt)?)),
+    }
+}
+
+fn display(raw: Option<String>) -> Option<DisplayName> {
+    raw.and_then(|n| DisplayName::parse(&n).ok())
+}
+
+/// Locks and loads the students, and derives their status at `now`.
+pub async fn recompute(
+    pool: &PgPool,
+    students: &[StudentId],
+    now: OffsetDateTime,
+) -> Result<Recomputed, StoreError> {
+    let ids: Vec<Uuid> = students.iter().map(|s| s.0).collect();
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(LOAD)
+        .bind(&ids)
+        .bind(MAX_TRAILING_RUNS)
+        .bind(MAX_HELP_EVENTS)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut changes = Vec::with_capacity(rows.len());
+    for row in rows {
+        let threshold: i16 = row.try_get("consecutive_error_threshold")?;
+        let idle_after: i32 = row.try_get("idle_after_seconds")?;
+        let rules = StatusRules {
+            consecutive_errors: NonZeroU8::new(u8::try_from(threshold).unwrap_or(u8::MAX))
+                .unwrap_or(NonZeroU8::MIN),
+            idle_after: Duration::seconds(i64::from(idle_after)),
+            help_window: HELP_WINDOW,
+        };
+
+        let mut events = Vec::new();
+        let Json(runs): Json<Vec<Run>> = row.try_get("runs")?;
+        for run in runs {
+            events.push(ActivityEvent {
+                key: key(run.event_time, run.event_id),
+                activity: Activity::Execution {
+                    cell: cell_key(run.notebook, &run.cell)?,
+                    failed: run.has_error,
+                },
+            });
+        }
+        let Json(help): Json<Vec<HelpRow>> = row.try_get("help")?;
+        for h in help {
+            let notebook = path(h.notebook)?;
+            events.push(ActivityEvent {
+                key: key(h.event_time, h.event_id),
+                activity: if h.kind == "help" {
+                    Activity::Help { notebook }
+                } else {
+                    Activity::HelpStop { notebook }
+                },
+            });
+        }
+        let latest: Option<Json<Latest>> = row.try_get("latest")?;
+        if let Some(Json(latest)) = latest {
+            // Its kind does not matter: if it is a run or a help event it is
+            // loaded above too, and duplicates by id count once.
+            if !events.iter().any(|e| e.key.id.as_uuid() == &latest.event_id) {
+                events.push(ActivityEvent {
+                    key: key(latest.event_time, latest.event_id),
+                    activity: Activity::Other,
+                });
+            }
+        }
+
+        let mut actions = Vec::new();
+        let Json(dismissals): Json<Vec<Dismissal>> = row.try_get("dismissals")?;
+        for d in dismissals {
+            actions.push(InstructorAction::DismissHelp {
+                notebook: path(d.notebook)?,
+                through: key(d.through_time, d.through_event_id),
+            });
+        }
+        let Json(resolutions): Json<Vec<Resolution>> = row.try_get("resolutions")?;
+        for r in resolutions {
+            actions.push(InstructorAction::ResolveError {
+                cell: cell_key(r.notebook, &r.cell)?,
+                through: key(r.through_time, r.through_event_id),
+            });
+        }
+
+        let mut after = derive_status(&events, &actions, &rules, now);
+        // The counters cover the whole history; the loaded runs do not.
+        let executions: i64 = row.try_get("executions")?;
+        let failed: i64 = row.try_get("failed_executions")?;
+        after.executions = u32::try_from(executions).unwrap_or(u32::MAX);
+        after.failed_executions = u32::try_from(failed).unwrap_or(u32::MAX);
+
+        let before: Option<Json<StudentStatus>> = row.try_get("before")?;
+        let key_text: String = row.try_get("student_key")?;
+        changes.push(StatusChange {
+            class_id: ClassId(row.try_get("class_id")?),
+            student: StudentRef {
+                id: StudentId(row.try_get("id")?),
+                key: student_key(&key_text)?,
+                name: display(row.try_get("name")?),
+                team: display(row.try_get("team")?),
+            },
+            before: before.map(|Json(s)| s),
+            after,
+        });
+    }
+    Ok(Recomputed { tx, changes, now })
+}
+
+impl Recomputed {
+    /// Stores the new statuses and releases the students' rows.
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        let mut student = Vec::with_capacity(self.changes.len());
+        let mut class = Vec::with_capacity(self.changes.len());
+        let mut status = Vec::with_capacity(self.changes.len());
+        let mut detail = Vec::with_capacity(self.changes.len());
+        for change in &self.changes {
+            student.push(change.student.id.0);
+            class.push(change.class_id.0);
+            status.push(
+                serde_json::to_value(change.after.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            );
+            detail.push(serde_json::to_value(&change.after).unwrap_or_default());
+        }
+        sqlx::query(
+            "INSERT INTO student_status (student_id, class_id, status, detail, computed_at)
+             SELECT s, c, st, d, $5 FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[])
+                 AS t(s, c, st, d)
+             ON CONFLICT (student_id) DO UPDATE SET
+                 status = EXCLUDED.status, detail = EXCLUDED.detail,
+                 computed_at = EXCLUDED.computed_at",
+        )
+        .bind(&student)
+        .bind(&class)
+        .bind(&status)
+        .bind(&detail)
+        .bind(self.now)
+        .execute(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Records an instructor's dismissal of the help request that contains the
+/// `help` event `through` (the newest one they saw).
+pub async fn dismiss_help(
+    pool: &PgPool,
+    student: StudentId,
+    request: &HelpRequest,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO help_dismissals (student_id, notebook_path, through_time, through_event_id)
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(student.0)
+    .bind(request.notebook.as_ref().map(ToString::to_string))
+    .bind(request.latest.time)
+    .bind(request.latest.id.as_uuid())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The stored status of every student of a class (the dashboard snapshot).
+pub async fn class_status(
+    pool: &PgPool,
+    class: ClassId,
+) -> Result<Vec<(StudentId, StudentStatus)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT student_id, detail FROM student_status WHERE class_id = $1 ORDER BY student_id",
+    )
+    .bind(class.0)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let Json(status): Json<StudentStatus> = row.try_get("detail")?;
+            Ok((StudentId(row.try_get("student_id")?), status))
+        })
+        .collect()
+}
