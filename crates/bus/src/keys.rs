@@ -34,6 +34,32 @@ impl StreamKeys {
         format!("{}marker", self.prefix)
     }
 
+    /// A consumer group's dead-letter stream.
+    pub fn dead_letters(&self, group: &str) -> String {
+        format!("{}dead:{group}", self.prefix)
+    }
+
+    /// A class's capped history of live messages (the class id is the
+    /// hash tag, so the history and its counter share a slot).
+    pub fn history(&self, class: ClassId) -> String {
+        format!("{}history:{{{class}}}", self.prefix)
+    }
+
+    /// The epoch and last offset of a class's history.
+    pub fn history_meta(&self, class: ClassId) -> String {
+        format!("{}history-meta:{{{class}}}", self.prefix)
+    }
+
+    /// The pub/sub channel of a class's live messages.
+    pub fn live_channel(&self, class: ClassId) -> String {
+        format!("{}live:{class}", self.prefix)
+    }
+
+    /// The pattern matching every class's live channel.
+    pub fn live_pattern(&self) -> String {
+        format!("{}live:*", self.prefix)
+    }
+
     /// Every events stream, in shard order.
     pub fn all_events(&self) -> impl Iterator<Item = String> + '_ {
         (0..self.shards).map(|shard| self.events(shard))

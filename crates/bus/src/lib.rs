@@ -8,9 +8,15 @@
 //! * [`producer`]: [`Producer`], which appends events with pipelined `XADD`
 //!   under a hard timeout and reports success only once Redis acknowledged
 //!   every entry (ARCHITECTURE.md rule 1).
+//! * [`consumer`]: consumer groups for the sinks: batched reads, ack after
+//!   commit, reclaiming, dead letters, trimming below what groups still need.
+//! * [`live`]: the per-class live channel and its numbered, capped history.
+//! * [`spool`]: the local fsync'd spool ingest falls back to.
 
 pub mod codec;
+pub mod consumer;
 pub mod keys;
+pub mod live;
 pub mod producer;
 pub mod spool;
 

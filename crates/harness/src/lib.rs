@@ -20,6 +20,8 @@
 //!   containers across a test run and removes it afterwards.
 //! * [`pg`], [`influx`]: the little each backend needs for set-up and checks.
 //! * [`load`]: an open-loop load generator for the ingest API.
+//! * [`verify`]: the ledger check (lost, duplicates, unexpected per sink;
+//!   Postgres and InfluxDB agreement).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -43,6 +45,7 @@ pub mod pg;
 pub mod proxy;
 pub mod stack;
 pub mod supervise;
+pub mod verify;
 
 use std::future::Future;
 use std::sync::Once;

@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// What this process does: `ingest` (the events API), `persister`
+    /// (Redis Streams to Postgres and InfluxDB, with only health and
+    /// metrics over HTTP), or `all` (both, the one-machine deployment).
+    pub role: Role,
     /// Where `main` listens (tests pass their own listener).
     pub listen: SocketAddr,
     /// Redis, with AOF on (`redis://host:6379/`). Secret: it may carry a
@@ -48,6 +52,86 @@ pub struct Config {
     pub open_class: Option<ClassId>,
     pub rate_limit: RateLimit,
     pub spool: SpoolSettings,
+    pub persister: PersisterSettings,
+}
+
+/// What a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Ingest,
+    Persister,
+    All,
+}
+
+impl Role {
+    pub fn ingests(self) -> bool {
+        matches!(self, Self::Ingest | Self::All)
+    }
+
+    pub fn persists(self) -> bool {
+        matches!(self, Self::Persister | Self::All)
+    }
+}
+
+/// The persister: consumer groups `pg` and `influx` over the event streams.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersisterSettings {
+    /// Postgres (`postgres://user@host:5432/db`). Secret; never serialized.
+    #[serde(skip_serializing)]
+    pub postgres_url: SecretString,
+    pub postgres_max_connections: u32,
+    /// Longest a Postgres statement or connection attempt may take.
+    pub postgres_timeout_ms: u64,
+    /// Apply the schema's migrations at start-up.
+    pub migrate: bool,
+    /// InfluxDB base URL (v1 HTTP API).
+    pub influx_url: String,
+    pub influx_database: String,
+    /// InfluxDB 2.x/3.x token for the v1 compatibility API. Never serialized.
+    #[serde(skip_serializing)]
+    pub influx_token: Option<SecretString>,
+    pub influx_timeout_ms: u64,
+    /// A batch is written at this many events ...
+    pub batch_max: usize,
+    /// ... or this long after its first event arrived.
+    pub batch_wait_ms: u64,
+    /// Entries another consumer has held this long unacknowledged are
+    /// taken over (its process died or hangs).
+    pub claim_idle_ms: u64,
+    /// How often to look for such entries.
+    pub claim_interval_ms: u64,
+    /// After this many deliveries an entry goes to the dead-letter stream.
+    pub max_deliveries: u64,
+    /// First and longest pause between retries of a failing sink.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// How often streams are trimmed below what every group still needs.
+    pub trim_interval_ms: u64,
+}
+
+impl Default for PersisterSettings {
+    fn default() -> Self {
+        Self {
+            postgres_url: SecretString::from("postgres://postgres@127.0.0.1:5432/cellmon"),
+            postgres_max_connections: 8,
+            postgres_timeout_ms: 10_000,
+            migrate: true,
+            influx_url: "http://127.0.0.1:8086".into(),
+            influx_database: "cellmon".into(),
+            influx_token: None,
+            influx_timeout_ms: 10_000,
+            batch_max: 500,
+            batch_wait_ms: 50,
+            claim_idle_ms: 30_000,
+            claim_interval_ms: 5_000,
+            max_deliveries: 5,
+            retry_initial_ms: 100,
+            retry_max_ms: 5_000,
+            trim_interval_ms: 10_000,
+        }
+    }
 }
 
 /// The local spool that takes events when Redis cannot.
@@ -111,6 +195,7 @@ impl Default for RateLimit {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            role: Role::Ingest,
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             redis_url: SecretString::from("redis://127.0.0.1:6379/"),
             stream_prefix: "cellmon:".into(),
@@ -125,6 +210,7 @@ impl Default for Config {
             open_class: None,
             rate_limit: RateLimit::default(),
             spool: SpoolSettings::default(),
+            persister: PersisterSettings::default(),
         }
     }
 }

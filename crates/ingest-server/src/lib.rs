@@ -17,6 +17,10 @@
 //! Also: `GET /health/live`, `GET /health/ready` (Redis answers) and
 //! `GET /metrics` (Prometheus).
 //!
+//! The same binary is the persister ([`persist`]): with `role = "persister"`
+//! it consumes the streams into Postgres and InfluxDB (serving only health
+//! and metrics), with `role = "all"` it does both in one process.
+//!
 //! The binary's `main` only loads [`Config`] and calls [`serve`], so tests
 //! run the very same server in-process on port 0.
 
@@ -25,6 +29,7 @@ pub mod config;
 pub mod error;
 mod events;
 pub mod metrics;
+pub mod persist;
 mod replay;
 
 use std::future::Future;
@@ -73,7 +78,7 @@ impl std::fmt::Debug for AppState {
 impl AppState {
     /// Opens the spool (recovering what a crash left) and builds the shared
     /// state. Redis need not be up: the producer connects on first use.
-    pub async fn new(config: Config) -> anyhow::Result<Self> {
+    pub async fn new(config: Config, metrics: Metrics) -> anyhow::Result<Self> {
         let producer = Producer::new(
             config.redis_url.expose_secret(),
             ProducerConfig {
@@ -106,7 +111,7 @@ impl AppState {
             config: Arc::new(config),
             producer,
             spool,
-            metrics: Metrics::new()?,
+            metrics,
             limiter: Arc::new(limiter),
         })
     }
@@ -187,13 +192,82 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
     response
 }
 
-/// Serves until `shutdown` resolves, then drains in-flight requests.
+/// Runs the configured role until `shutdown` resolves: the events API
+/// (then drains in-flight requests and the spool), the persister (then
+/// finishes its batches), or both.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let state = AppState::new(config).await?;
+    let metrics = Metrics::new()?;
+    let (stop_persister, stopped) = tokio::sync::watch::channel(false);
+    let persister = config.role.persists().then(|| {
+        tokio::spawn(persist::run(
+            config.persister.clone(),
+            config.redis_url.expose_secret().to_owned(),
+            StreamKeys::new(config.stream_prefix.clone(), config.stream_shards),
+            metrics.persist.clone(),
+            stopped,
+        ))
+    });
+    let grace = Duration::from_millis(config.spool.drain_on_shutdown_ms);
+    let result = if config.role.ingests() {
+        serve_events(config, metrics, listener, shutdown).await
+    } else {
+        serve_health(metrics, listener, shutdown).await
+    };
+    let _ = stop_persister.send(true);
+    if let Some(persister) = persister {
+        match tokio::time::timeout(grace, persister).await {
+            Ok(Ok(Ok(()))) => tracing::info!("persister stopped"),
+            Ok(Ok(Err(error))) => tracing::error!(%error, "persister failed"),
+            Ok(Err(error)) => tracing::error!(%error, "persister task failed"),
+            // Whatever it had not acknowledged stays pending in Redis and is
+            // reclaimed by the next persister.
+            Err(_) => tracing::warn!("persister did not stop within the grace period"),
+        }
+    }
+    result
+}
+
+/// The persister role's HTTP side: health and metrics only.
+async fn serve_health(
+    metrics: Metrics,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        metrics.render(),
+                    )
+                }
+            }),
+        );
+    tracing::info!(addr = %listener.local_addr()?, "persister listening (health and metrics)");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves the events API until `shutdown` resolves, then drains in-flight
+/// requests.
+async fn serve_events(
+    config: Config,
+    metrics: Metrics,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::new(config, metrics).await?;
     let corrupt = state
         .spool
         .stats()

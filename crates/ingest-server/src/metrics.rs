@@ -3,7 +3,8 @@
 //! template and status, never paths or e-mails).
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
     TextEncoder,
 };
 
@@ -23,6 +24,107 @@ pub struct Metrics {
     pub spool_undecodable: IntCounter,
     pub redis_restarts: IntCounter,
     pub redis_amnesia: IntCounter,
+    pub persist: PersistMetrics,
+}
+
+/// The persister's metrics; `sink` is `pg` or `influx`.
+#[derive(Debug, Clone)]
+pub struct PersistMetrics {
+    pub batch_size: HistogramVec,
+    pub write_seconds: HistogramVec,
+    pub events: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub reclaimed: IntCounterVec,
+    pub backlog: IntGaugeVec,
+    pub trimmed: IntCounter,
+    pub live_messages: IntCounterVec,
+}
+
+impl PersistMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new("cellmon_persist_batch_events", "Events per written batch")
+                .buckets(vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]),
+            &["sink"],
+        )?;
+        let write_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "cellmon_persist_write_duration_seconds",
+                "Time to write one batch to its sink (commit included)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["sink"],
+        )?;
+        let events = IntCounterVec::new(
+            Opts::new(
+                "cellmon_persist_events_total",
+                "Events written, by sink and outcome (stored, or duplicate of a stored one)",
+            ),
+            &["sink", "outcome"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "cellmon_persist_retries_total",
+                "Batch writes retried after a transient sink failure",
+            ),
+            &["sink"],
+        )?;
+        let dead_letters = IntCounterVec::new(
+            Opts::new(
+                "cellmon_persist_dead_letters_total",
+                "Entries moved to the dead-letter stream (undecodable, rejected, or delivered too often)",
+            ),
+            &["sink"],
+        )?;
+        let reclaimed = IntCounterVec::new(
+            Opts::new(
+                "cellmon_persist_reclaimed_total",
+                "Entries taken over from consumers that did not acknowledge them",
+            ),
+            &["sink"],
+        )?;
+        let backlog = IntGaugeVec::new(
+            Opts::new(
+                "cellmon_persist_backlog_entries",
+                "Entries a sink's consumer group has not yet acknowledged (lag plus pending)",
+            ),
+            &["sink"],
+        )?;
+        let trimmed = IntCounter::new(
+            "cellmon_stream_trimmed_entries_total",
+            "Stream entries trimmed after every group acknowledged them",
+        )?;
+        let live_messages = IntCounterVec::new(
+            Opts::new(
+                "cellmon_live_messages_total",
+                "Live messages published to dashboards, by type",
+            ),
+            &["type"],
+        )?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(write_seconds.clone()))?;
+        registry.register(Box::new(events.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(dead_letters.clone()))?;
+        registry.register(Box::new(reclaimed.clone()))?;
+        registry.register(Box::new(backlog.clone()))?;
+        registry.register(Box::new(trimmed.clone()))?;
+        registry.register(Box::new(live_messages.clone()))?;
+        Ok(Self {
+            batch_size,
+            write_seconds,
+            events,
+            retries,
+            dead_letters,
+            reclaimed,
+            backlog,
+            trimmed,
+            live_messages,
+        })
+    }
 }
 
 impl Metrics {
@@ -97,7 +199,9 @@ impl Metrics {
         registry.register(Box::new(events_accepted.clone()))?;
         registry.register(Box::new(events_rejected.clone()))?;
         registry.register(Box::new(events_duplicate.clone()))?;
+        let persist = PersistMetrics::new(&registry)?;
         Ok(Self {
+            persist,
             registry,
             requests,
             accept_seconds,

@@ -246,3 +246,131 @@ pub(crate) async fn stream_events(
     }
     Ok(events)
 }
+
+/// Settings that make `Ingest` also run the persister against this test's
+/// Postgres database and InfluxDB database, with short timings so faults
+/// resolve quickly.
+pub(crate) fn persisting(backends: &TestBackends) -> impl FnOnce(&mut Config) + use<> {
+    let pg = backends.pg_url();
+    let influx = backends.influx_url();
+    let influx_db = backends.influx_database().to_owned();
+    move |config: &mut Config| {
+        config.role = cellmon_ingest::config::Role::All;
+        let p = &mut config.persister;
+        p.postgres_url = pg.into();
+        p.influx_url = influx;
+        p.influx_database = influx_db;
+        p.postgres_timeout_ms = 3_000;
+        p.influx_timeout_ms = 3_000;
+        p.batch_wait_ms = 20;
+        p.claim_idle_ms = 1_000;
+        p.claim_interval_ms = 250;
+        p.retry_initial_ms = 20;
+        p.retry_max_ms = 500;
+        p.trim_interval_ms = 200;
+    }
+}
+
+/// A mix of what a class sends: runs (some failing), notebook opens, help.
+pub(crate) fn classroom_event(student: usize, n: usize) -> Value {
+    let email = format!("student{student:03}@example.ac.jp");
+    let time = format!(
+        "2026-04-01T10:{:02}:{:02}.{:03}Z",
+        (n / 60) % 60,
+        n % 60,
+        student % 1000
+    );
+    let mut event = match n % 10 {
+        0 => json!({"eventType": "notebook_opened"}),
+        1 => json!({"eventType": "help"}),
+        2 => json!({"eventType": "help_stop"}),
+        _ => json!({
+            "eventType": "cell_executed",
+            "cellId": format!("cell-{}", n % 4),
+            "code": "print(x)",
+            "hasError": n % 3 == 0,
+            "errorMessage": "NameError: name 'x' is not defined",
+            "executionCount": n,
+            "executionDurationMs": 1.5
+        }),
+    };
+    event["eventId"] = json!(uuid());
+    event["eventTime"] = json!(time);
+    event["emailAddress"] = json!(email);
+    event["userName"] = json!(format!("学生 {student}"));
+    event["teamName"] = json!(format!("チーム{}", student % 10));
+    event["notebookPath"] = json!("lesson1/intro.ipynb");
+    event
+}
+
+/// Posts `events` in requests of `per_request`, `concurrency` at a time,
+/// and records every outcome in a ledger.
+pub(crate) async fn send_all(
+    url: &str,
+    events: &[Value],
+    per_request: usize,
+    concurrency: usize,
+    ledger: &mut cellmon_harness::verify::Ledger,
+) -> anyhow::Result<()> {
+    use cellmon_harness::verify::Outcome;
+    use futures_util::StreamExt as _;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let results: Vec<(Vec<uuid::Uuid>, Outcome)> =
+        futures_util::stream::iter(events.chunks(per_request.max(1)))
+            .map(|chunk| {
+                let http = http.clone();
+                let ids: Vec<uuid::Uuid> = chunk
+                    .iter()
+                    .filter_map(|e| e["eventId"].as_str()?.parse().ok())
+                    .collect();
+                let body = Value::Array(chunk.to_vec());
+                async move {
+                    let outcome = match http.post(url).json(&body).send().await {
+                        Ok(r) if r.status().is_success() => Outcome::Ok,
+                        Ok(_) => Outcome::Fail,
+                        Err(_) => Outcome::Unknown,
+                    };
+                    (ids, outcome)
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+    for (ids, outcome) in results {
+        for id in ids {
+            ledger.record(id, outcome);
+        }
+    }
+    Ok(())
+}
+
+/// Waits until both sinks hold every acknowledged event of the class and
+/// the ledger check passes; returns the verdict (the last one on timeout).
+pub(crate) async fn verified(
+    backends: &TestBackends,
+    class: ClassId,
+    ledger: &cellmon_harness::verify::Ledger,
+    timeout: Duration,
+) -> anyhow::Result<cellmon_harness::verify::Verdict> {
+    let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
+    let influx = cellmon_harness::influx::InfluxClient::new(&backends.influx_url())?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let verdict = cellmon_harness::verify::verify(
+            ledger,
+            &pool,
+            &influx,
+            backends.influx_database(),
+            Some(class.0),
+        )
+        .await;
+        match verdict {
+            Ok(v) if v.passes() => return Ok(v),
+            Ok(v) if std::time::Instant::now() >= deadline => return Ok(v),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}

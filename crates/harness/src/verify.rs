@@ -1,0 +1,404 @@
+//! The ledger check of RELIABILITY.md: what a client was told about each
+//! event, against what each sink stored.
+//!
+//! For each sink (Postgres rows, InfluxDB points of the `event`
+//! measurement), within one class:
+//!
+//! * lost = acknowledged − stored, must be empty;
+//! * duplicates = ids stored more than once, must be empty;
+//! * unexpected = stored − attempted (acknowledged, refused or unknown),
+//!   must be empty;
+//! * refused events that were stored anyway are reported too.
+//!
+//! Plus the agreement of the two sinks: events per (student, event type).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::influx::InfluxClient;
+
+/// What the client learnt about one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// 2xx: the server took responsibility for it.
+    Ok,
+    /// A definite refusal (4xx/5xx).
+    Fail,
+    /// No answer (timeout, reset): it may or may not be stored.
+    Unknown,
+}
+
+/// One line of a ledger file (JSON Lines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub id: Uuid,
+    pub outcome: Outcome,
+}
+
+/// Every event a client attempted, with its outcome. An id attempted more
+/// than once keeps its best outcome (ok over unknown over fail).
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    outcomes: HashMap<Uuid, Outcome>,
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn record(&mut self, id: Uuid, outcome: Outcome) {
+        let rank = |o: Outcome| match o {
+            Outcome::Ok => 2,
+            Outcome::Unknown => 1,
+            Outcome::Fail => 0,
+        };
+        self.outcomes
+            .entry(id)
+            .and_modify(|old| {
+                if rank(outcome) > rank(*old) {
+                    *old = outcome;
+                }
+            })
+            .or_insert(outcome);
+    }
+
+    pub fn ids(&self, outcome: Outcome) -> HashSet<Uuid> {
+        self.outcomes
+            .iter()
+            .filter(|(_, o)| **o == outcome)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.outcomes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.outcomes.is_empty()
+    }
+
+    /// Reads a JSON Lines ledger.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the ledger {}", path.display()))?;
+        let mut ledger = Self::new();
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let entry: LedgerEntry = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a ledger entry", path.display(), n + 1))?;
+            ledger.record(entry.id, entry.outcome);
+        }
+        Ok(ledger)
+    }
+
+    /// Writes it as JSON Lines.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let mut out = String::with_capacity(self.outcomes.len() * 64);
+        for (id, outcome) in &self.outcomes {
+            out.push_str(&serde_json::to_string(&LedgerEntry {
+                id: *id,
+                outcome: *outcome,
+            })?);
+            out.push('\n');
+        }
+        std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// The set check of one sink.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkCheck {
+    /// Distinct ids stored.
+    pub stored: usize,
+    pub lost: Vec<Uuid>,
+    pub duplicates: Vec<Uuid>,
+    pub unexpected: Vec<Uuid>,
+    /// Refused by the server and stored anyway.
+    pub stored_though_refused: Vec<Uuid>,
+}
+
+impl SinkCheck {
+    /// The set arithmetic, on the ids a sink holds (with repeats).
+    pub fn compute(ledger: &Ledger, stored: &[Uuid]) -> Self {
+        let mut counts: HashMap<Uuid, usize> = HashMap::with_capacity(stored.len());
+        for id in stored {
+            *counts.entry(*id).or_default() += 1;
+        }
+        let mut lost: Vec<Uuid> = ledger
+            .ids(Outcome::Ok)
+            .into_iter()
+            .filter(|id| !counts.contains_key(id))
+            .collect();
+        let mut duplicates: Vec<Uuid> = counts
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut unexpected: Vec<Uuid> = counts
+            .keys()
+            .filter(|id| !ledger.outcomes.contains_key(id))
+            .copied()
+            .collect();
+        let mut stored_though_refused: Vec<Uuid> = counts
+            .keys()
+            .filter(|id| ledger.outcomes.get(id) == Some(&Outcome::Fail))
+            .copied()
+            .collect();
+        lost.sort();
+        duplicates.sort();
+        unexpected.sort();
+        stored_though_refused.sort();
+        Self {
+            stored: counts.len(),
+            lost,
+            duplicates,
+            unexpected,
+            stored_though_refused,
+        }
+    }
+
+    /// The standard pass: nothing lost, nothing twice, nothing unexpected.
+    pub fn passes(&self) -> bool {
+        self.lost.is_empty() && self.duplicates.is_empty() && self.unexpected.is_empty()
+    }
+}
+
+/// The whole verdict.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub acknowledged: usize,
+    pub refused: usize,
+    pub unknown: usize,
+    pub postgres: SinkCheck,
+    pub influx: SinkCheck,
+    /// (student, event type) groups whose counts differ: (pg, influx).
+    pub disagreements: BTreeMap<String, (u64, u64)>,
+    /// How many (student, event type) groups were compared.
+    pub groups: usize,
+}
+
+impl Verdict {
+    pub fn passes(&self) -> bool {
+        self.postgres.passes() && self.influx.passes() && self.disagreements.is_empty()
+    }
+
+    /// Agreement of the sinks, in percent of groups.
+    pub fn agreement_percent(&self) -> f64 {
+        if self.groups == 0 {
+            return 100.0;
+        }
+        100.0 * (self.groups - self.disagreements.len()) as f64 / self.groups as f64
+    }
+
+    /// A short human-readable summary.
+    pub fn summary(&self) -> String {
+        let sink = |name: &str, c: &SinkCheck| {
+            format!(
+                "{name}: stored {} lost {} duplicates {} unexpected {}{}",
+                c.stored,
+                c.lost.len(),
+                c.duplicates.len(),
+                c.unexpected.len(),
+                if c.stored_though_refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (stored though refused {})", c.stored_though_refused.len())
+                }
+            )
+        };
+        format!(
+            "ledger: ok {} refused {} unknown {}\n{}\n{}\nagreement pg/influx per student and event type: {:.2}% of {} groups ({} differ)\nverdict: {}",
+            self.acknowledged,
+            self.refused,
+            self.unknown,
+            sink("postgres", &self.postgres),
+            sink("influxdb", &self.influx),
+            self.agreement_percent(),
+            self.groups,
+            self.disagreements.len(),
+            if self.passes() { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+/// What one sink holds for a class: ids (with repeats) and per-group counts.
+#[derive(Debug, Clone, Default)]
+pub struct SinkContents {
+    pub ids: Vec<Uuid>,
+    pub groups: BTreeMap<String, u64>,
+}
+
+fn group_key(student: &str, event_type: &str) -> String {
+    format!("{student} / {event_type}")
+}
+
+/// The events Postgres holds for `class` (all classes when `None`).
+pub async fn postgres_contents(pool: &PgPool, class: Option<Uuid>) -> anyhow::Result<SinkContents> {
+    let rows = sqlx::query(
+        "SELECT e.event_id, s.student_key, e.event_type
+         FROM events e JOIN students s ON s.id = e.student_id
+         WHERE $1::uuid IS NULL OR e.class_id = $1",
+    )
+    .bind(class)
+    .fetch_all(pool)
+    .await?;
+    let mut contents = SinkContents::default();
+    for row in rows {
+        contents.ids.push(row.try_get("event_id")?);
+        let student: String = row.try_get("student_key")?;
+        let kind: String = row.try_get("event_type")?;
+        *contents.groups.entry(group_key(&student, &kind)).or_default() += 1;
+    }
+    Ok(contents)
+}
+
+/// The `event` points InfluxDB holds for `class` (all when `None`).
+pub async fn influx_contents(
+    influx: &InfluxClient,
+    database: &str,
+    class: Option<Uuid>,
+) -> anyhow::Result<SinkContents> {
+    let filter = class
+        .map(|c| format!(" WHERE \"class\" = '{c}'"))
+        .unwrap_or_default();
+    let body = influx
+        .query(
+            Some(database),
+            &format!("SELECT \"event_id\", \"student\", \"event_type\" FROM \"event\"{filter}"),
+        )
+        .await?;
+    let mut contents = SinkContents::default();
+    let Some(series) = body["results"][0]["series"].as_array() else {
+        return Ok(contents);
+    };
+    for s in series {
+        let columns: Vec<&str> = s["columns"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let at = |name: &str| columns.iter().position(|c| *c == name);
+        let (Some(id_at), Some(student_at), Some(kind_at)) =
+            (at("event_id"), at("student"), at("event_type"))
+        else {
+            anyhow::bail!("unexpected InfluxDB answer: {s}");
+        };
+        for value in s["values"].as_array().into_iter().flatten() {
+            let id = value[id_at].as_str().unwrap_or_default();
+            contents.ids.push(
+                id.parse()
+                    .with_context(|| format!("event_id {id:?} in InfluxDB is not a UUID"))?,
+            );
+            let student = value[student_at].as_str().unwrap_or_default();
+            let kind = value[kind_at].as_str().unwrap_or_default();
+            *contents.groups.entry(group_key(student, kind)).or_default() += 1;
+        }
+    }
+    Ok(contents)
+}
+
+/// Checks both sinks against the ledger.
+pub fn verdict(ledger: &Ledger, pg: &SinkContents, influx: &SinkContents) -> Verdict {
+    let mut disagreements = BTreeMap::new();
+    let keys: HashSet<&String> = pg.groups.keys().chain(influx.groups.keys()).collect();
+    for key in &keys {
+        let a = pg.groups.get(*key).copied().unwrap_or(0);
+        let b = influx.groups.get(*key).copied().unwrap_or(0);
+        if a != b {
+            disagreements.insert((*key).clone(), (a, b));
+        }
+    }
+    Verdict {
+        acknowledged: ledger.ids(Outcome::Ok).len(),
+        refused: ledger.ids(Outcome::Fail).len(),
+        unknown: ledger.ids(Outcome::Unknown).len(),
+        postgres: SinkCheck::compute(ledger, &pg.ids),
+        influx: SinkCheck::compute(ledger, &influx.ids),
+        disagreements,
+        groups: keys.len(),
+    }
+}
+
+/// Reads both sinks and checks them.
+pub async fn verify(
+    ledger: &Ledger,
+    pool: &PgPool,
+    influx: &InfluxClient,
+    influx_database: &str,
+    class: Option<Uuid>,
+) -> anyhow::Result<Verdict> {
+    let pg = postgres_contents(pool, class).await?;
+    let points = influx_contents(influx, influx_database, class).await?;
+    Ok(verdict(ledger, &pg, &points))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    #[test]
+    fn set_arithmetic() {
+        let mut ledger = Ledger::new();
+        ledger.record(id(1), Outcome::Ok);
+        ledger.record(id(2), Outcome::Ok);
+        ledger.record(id(3), Outcome::Unknown);
+        ledger.record(id(4), Outcome::Fail);
+        ledger.record(id(5), Outcome::Unknown);
+        // A retry that succeeded makes the id acknowledged.
+        ledger.record(id(5), Outcome::Ok);
+        ledger.record(id(5), Outcome::Fail);
+        let stored = [id(1), id(1), id(3), id(4), id(9), id(5)];
+        let check = SinkCheck::compute(&ledger, &stored);
+        assert_eq!(check.stored, 5);
+        assert_eq!(check.lost, vec![id(2)]);
+        assert_eq!(check.duplicates, vec![id(1)]);
+        assert_eq!(check.unexpected, vec![id(9)]);
+        assert_eq!(check.stored_though_refused, vec![id(4)]);
+        assert!(!check.passes());
+        // Unknown events may be stored or not.
+        let check = SinkCheck::compute(&ledger, &[id(1), id(2), id(5)]);
+        assert!(check.passes(), "{check:?}");
+    }
+
+    #[test]
+    fn agreement_counts_groups() {
+        let ledger = Ledger::new();
+        let mut pg = SinkContents::default();
+        let mut influx = SinkContents::default();
+        pg.groups.insert("a / help".into(), 2);
+        pg.groups.insert("b / help".into(), 1);
+        influx.groups.insert("a / help".into(), 2);
+        influx.groups.insert("c / help".into(), 1);
+        let v = verdict(&ledger, &pg, &influx);
+        assert_eq!(v.groups, 3);
+        assert_eq!(v.disagreements.len(), 2);
+        assert!((v.agreement_percent() - 100.0 / 3.0).abs() < 1e-9);
+        assert!(!v.passes());
+    }
+
+    #[test]
+    fn ledger_files_round_trip() {
+        let dir = std::env::temp_dir().join(format!("ledger-{}", Uuid::new_v4()));
+        let mut ledger = Ledger::new();
+        ledger.record(id(7), Outcome::Unknown);
+        ledger.record(id(8), Outcome::Ok);
+        ledger.write(&dir).unwrap();
+        let back = Ledger::read(&dir).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(back.ids(Outcome::Ok), HashSet::from([id(8)]));
+        assert_eq!(back.ids(Outcome::Unknown), HashSet::from([id(7)]));
+    }
+}
