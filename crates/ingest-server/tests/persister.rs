@@ -277,3 +277,294 @@ async fn influx_down() -> anyhow::Result<()> {
     assert_pass(&verdict);
     Ok(())
 }
+
+/// A persister as a child process of its own, so the test can SIGKILL it.
+struct PersisterProcess {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl PersisterProcess {
+    async fn spawn(backends: &TestBackends) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
+            .env("CELLMON_INGEST_ROLE", "persister")
+            .env("CELLMON_INGEST_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
+            .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
+            .env("CELLMON_INGEST_PERSISTER__POSTGRES_URL", backends.pg_url())
+            .env("CELLMON_INGEST_PERSISTER__POSTGRES_TIMEOUT_MS", "30000")
+            .env("CELLMON_INGEST_PERSISTER__INFLUX_URL", backends.influx_url())
+            .env(
+                "CELLMON_INGEST_PERSISTER__INFLUX_DATABASE",
+                backends.influx_database(),
+            )
+            .env("CELLMON_INGEST_PERSISTER__BATCH_WAIT_MS", "20")
+            .env("CELLMON_INGEST_PERSISTER__CLAIM_IDLE_MS", "1000")
+            .env("CELLMON_INGEST_PERSISTER__CLAIM_INTERVAL_MS", "250")
+            .env("RUST_LOG", std::env::var("PERSISTER_LOG").unwrap_or_else(|_| "warn".into()))
+            .kill_on_drop(true)
+            .spawn()?;
+        let url = format!("http://127.0.0.1:{port}");
+        cellmon_harness::eventually(Duration::from_secs(30), || async {
+            let status = reqwest::get(format!("{url}/health/live")).await?.status();
+            anyhow::ensure!(status.is_success());
+            Ok(())
+        })
+        .await?;
+        Ok(Self { child, url })
+    }
+
+    async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.url))
+            .await?
+            .text()
+            .await?;
+        Ok(metric(&text, name).unwrap_or(0.0))
+    }
+
+    async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+}
+
+/// Entries of the `pg` group delivered and not acknowledged, read straight
+/// from Redis (not through the proxy, which the test may be hanging).
+async fn pg_pending(backends: &TestBackends, keys: &cellmon_bus::StreamKeys) -> anyhow::Result<u64> {
+    let direct = format!("redis://{}/", backends.stack.redis.proxy().upstream());
+    let client = redis::Client::open(direct)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut pending = 0;
+    for key in keys.all_events() {
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(&key)
+            .arg("pg")
+            .query_async(&mut conn)
+            .await?;
+        if let redis::Value::Array(items) = summary
+            && let Some(redis::Value::Int(n)) = items.first()
+        {
+            pending += u64::try_from(*n).unwrap_or(0);
+        }
+    }
+    Ok(pending)
+}
+
+/// PERSISTER-KILL: SIGKILL the persister between read and COMMIT, then
+/// between COMMIT and XACK; its successors reclaim the pending entries and
+/// the ledger check passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persister_kill() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let url = ingest.events_url();
+    let pg_proxy = backends.stack.postgres.proxy();
+    let redis_proxy = backends.stack.redis.proxy();
+    let mut ledger = Ledger::new();
+
+    // 1. Between read and COMMIT: Postgres hangs while a batch is written.
+    let first = PersisterProcess::spawn(&backends).await?;
+    pg_proxy.set_fault(Fault::Hang);
+    let events: Vec<Value> = (0..100).map(|n| classroom_event(n % 10, n)).collect();
+    send_all(&url, &events, 10, 4, &mut ledger).await?;
+    cellmon_harness::eventually(Duration::from_secs(20), || async {
+        let n = pg_pending(&backends, &ingest.keys).await?;
+        anyhow::ensure!(n > 0, "nothing read yet");
+        Ok(())
+    })
+    .await?;
+    first.kill().await?;
+    pg_proxy.clear();
+
+    // The successor takes the dead consumer's entries over and drains them.
+    let second = PersisterProcess::spawn(&backends).await?;
+    cellmon_harness::eventually(Duration::from_secs(30), || async {
+        let n = pg_pending(&backends, &ingest.keys).await?;
+        anyhow::ensure!(n == 0, "{n} still pending");
+        Ok(())
+    })
+    .await?;
+    let reclaimed = second
+        .metric(r#"cellmon_persist_reclaimed_total{sink="pg"}"#)
+        .await?;
+    eprintln!("PERSISTER-KILL read->COMMIT: successor reclaimed {reclaimed}");
+    assert!(reclaimed > 0.0);
+
+    // 2. Between COMMIT and XACK: Postgres slow, so the batch is in flight
+    // for seconds; Redis hung meanwhile, so after COMMIT nothing can be
+    // acknowledged.
+    pg_proxy.set_fault(Fault::Latency(Duration::from_millis(400)));
+    let events: Vec<Value> = (100..200).map(|n| classroom_event(n % 10, n)).collect();
+    let ids: Vec<uuid::Uuid> = events
+        .iter()
+        .filter_map(|e| e["eventId"].as_str()?.parse().ok())
+        .collect();
+    // Straight to Postgres, not through the slowed proxy.
+    let pool = sqlx::PgPool::connect(&format!(
+        "postgres://postgres@{}/{}",
+        pg_proxy.upstream(),
+        backends.pg_database()
+    ))
+    .await?;
+    send_all(&url, &events, 100, 1, &mut ledger).await?;
+    // The persister has the batch once its transaction is open.
+    cellmon_harness::eventually(Duration::from_secs(20), || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'cellmon-persister' AND datname = $1
+               AND xact_start IS NOT NULL",
+        )
+        .bind(backends.pg_database())
+        .fetch_one(&pool)
+        .await?;
+        anyhow::ensure!(n > 0, "no batch being written yet");
+        Ok(())
+    })
+    .await?;
+    redis_proxy.set_fault(Fault::Hang);
+    cellmon_harness::eventually(Duration::from_secs(30), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(&pool)
+            .await?;
+        anyhow::ensure!(n > 0, "nothing committed yet");
+        Ok(())
+    })
+    .await?;
+    let pending = pg_pending(&backends, &ingest.keys).await?;
+    assert!(pending > 0, "committed and not yet acknowledged");
+    second.kill().await?;
+    redis_proxy.clear();
+    pg_proxy.clear();
+
+    let third = PersisterProcess::spawn(&backends).await?;
+    cellmon_harness::eventually(Duration::from_secs(30), || async {
+        let n = pg_pending(&backends, &ingest.keys).await?;
+        anyhow::ensure!(n == 0, "{n} still pending");
+        Ok(())
+    })
+    .await?;
+    let reclaimed = third
+        .metric(r#"cellmon_persist_reclaimed_total{sink="pg"}"#)
+        .await?;
+    eprintln!("PERSISTER-KILL COMMIT->XACK: {pending} pending at the kill, successor reclaimed {reclaimed}");
+    assert!(reclaimed > 0.0);
+
+    let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(30)).await?;
+    assert_pass(&verdict);
+    third.kill().await?;
+    Ok(())
+}
+
+/// The same events, once in order and once shuffled into small requests
+/// with every event sent twice, give identical derived status in two
+/// independent deployments, and no fabricated significant errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<()> {
+    let ordered_backends = TestBackends::shared().await?;
+    let shuffled_backends = TestBackends::shared().await?;
+    let ordered = Ingest::start(&ordered_backends, persisting(&ordered_backends)).await?;
+    let shuffled = Ingest::start(&shuffled_backends, persisting(&shuffled_backends)).await?;
+
+    let start = time::OffsetDateTime::now_utc() - time::Duration::minutes(4);
+    let at = |secs: i64| {
+        (start + time::Duration::seconds(secs))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let mut events = Vec::new();
+    for student in 0..20 {
+        let email = format!("s{student:02}@example.ac.jp");
+        let mut push = |secs: i64, fields: Value| {
+            let mut event = fields;
+            event["eventId"] = json!(common::uuid());
+            event["eventTime"] = json!(at(secs));
+            event["emailAddress"] = json!(email.clone());
+            event["notebookPath"] = json!("lesson1.ipynb");
+            events.push(event);
+        };
+        let run = |cell: &str, failed: bool| {
+            json!({"eventType": "cell_executed", "cellId": cell, "hasError": failed})
+        };
+        // Cell a: two failures, a success, two failures: never three in a
+        // row by event time, though a worker's order could make it look so.
+        for (i, failed) in [true, true, false, true, true].into_iter().enumerate() {
+            push(10 + i as i64 * 10, run("a", failed));
+        }
+        // Cell b: three failures for even students: a significant error.
+        if student % 2 == 0 {
+            for i in 0..3 {
+                push(70 + i * 5, run("b", true));
+            }
+        }
+        if student % 3 == 0 {
+            push(100, json!({"eventType": "help"}));
+            push(110, json!({"eventType": "help"}));
+            if student % 6 == 0 {
+                push(115, json!({"eventType": "help_stop"}));
+            }
+        }
+        push(5, json!({"eventType": "notebook_opened"}));
+    }
+
+    let mut ledger_a = Ledger::new();
+    send_all(&ordered.events_url(), &events, events.len(), 1, &mut ledger_a).await?;
+    // Shuffled (a fixed permutation), in requests of 3, every event twice.
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..order.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        order.swap(i, (seed % (i as u64 + 1)) as usize);
+    }
+    let mut twice: Vec<Value> = order.iter().map(|&i| events[i].clone()).collect();
+    twice.extend(order.iter().rev().map(|&i| events[i].clone()));
+    let mut ledger_b = Ledger::new();
+    send_all(&shuffled.events_url(), &twice, 3, 4, &mut ledger_b).await?;
+
+    assert_pass(&verified(&ordered_backends, ordered.class_id, &ledger_a, Duration::from_secs(60)).await?);
+    assert_pass(&verified(&shuffled_backends, shuffled.class_id, &ledger_b, Duration::from_secs(60)).await?);
+
+    async fn statuses(backends: &TestBackends) -> anyhow::Result<std::collections::BTreeMap<String, Value>> {
+        let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
+        let rows: Vec<(String, sqlx::types::Json<Value>)> = sqlx::query_as(
+            "SELECT s.student_key, st.detail FROM student_status st
+             JOIN students s ON s.id = st.student_id",
+        )
+        .fetch_all(&pool)
+        .await?;
+        Ok(rows.into_iter().map(|(k, sqlx::types::Json(v))| (k, v)).collect())
+    }
+    // Every commit is followed by a recompute; wait for the last ones.
+    let (a, b) = cellmon_harness::eventually(Duration::from_secs(30), || async {
+        let a = statuses(&ordered_backends).await?;
+        let b = statuses(&shuffled_backends).await?;
+        anyhow::ensure!(a.len() == 20 && a == b, "statuses differ (so far)");
+        Ok((a, b))
+    })
+    .await?;
+    assert_eq!(a, b);
+    let mut significant = 0;
+    for (student, status) in &a {
+        let n: usize = student[1..3].parse()?;
+        let errors = status["significant_errors"].as_array().map_or(0, Vec::len);
+        assert_eq!(errors, usize::from(n % 2 == 0), "{student}: {status}");
+        significant += errors;
+        let expected = if n % 3 == 0 && n % 6 != 0 {
+            "help"
+        } else if n % 2 == 0 {
+            "significant_error"
+        } else {
+            "error"
+        };
+        assert_eq!(status["status"], expected, "{student}: {status}");
+        assert_eq!(status["executions"], if n % 2 == 0 { 8 } else { 5 });
+    }
+    assert_eq!(significant, 10);
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Persister faults that kill a backend container: private containers (the
+//! run's shared ones are never killed). Bounded versions of RELIABILITY.md's
+//! scenarios: seconds, not minutes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cellmon_harness::fixture::TestBackends;
+use cellmon_harness::verify::Ledger;
+use common::{Ingest, classroom_event, metric, persisting, send_all, verified};
+use serde_json::Value;
+
+/// Sends `per_tick` events every 100 ms until `until`, recording outcomes.
+async fn steady_load(url: &str, until: Instant, per_tick: usize, ledger: &mut Ledger) -> anyhow::Result<()> {
+    let mut n = 0;
+    while Instant::now() < until {
+        let batch: Vec<Value> = (n..n + per_tick).map(|i| classroom_event(i % 25, i)).collect();
+        n += per_tick;
+        send_all(url, &batch, 1, per_tick, ledger).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// PG-KILL (bounded: Postgres SIGKILLed for 4 s under 100 events/s): no
+/// acknowledgement before COMMIT (nothing acknowledged is lost), and the
+/// writer catches up within 10 s of Postgres answering again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_kill() -> anyhow::Result<()> {
+    let backends = TestBackends::private().await?;
+    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let url = ingest.events_url();
+    let mut ledger = Ledger::new();
+
+    steady_load(&url, Instant::now() + Duration::from_secs(2), 10, &mut ledger).await?;
+    backends.stack.postgres.kill().await?;
+    let killed = Instant::now();
+    steady_load(&url, killed + Duration::from_secs(4), 10, &mut ledger).await?;
+    // While Postgres is gone its group's backlog grows; InfluxDB keeps up.
+    let text = ingest.metrics().await?;
+    let backlog = metric(&text, r#"cellmon_persist_backlog_entries{sink="pg"}"#).unwrap_or(0.0);
+    assert!(backlog > 0.0, "pg backlog during the outage: {backlog}");
+    backends.stack.postgres.start_again().await?;
+    let back = Instant::now();
+    eprintln!("PG-KILL: Postgres down {:.1} s", (back - killed).as_secs_f64());
+
+    let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(10)).await?;
+    let recovered = back.elapsed();
+    eprintln!("{}", verdict.summary());
+    eprintln!("PG-KILL: every acknowledged event in Postgres {:.1} s after it answered", recovered.as_secs_f64());
+    assert!(verdict.passes(), "{verdict:#?}");
+    assert!(recovered <= Duration::from_secs(10), "recovery took {recovered:?}");
+    let text = ingest.metrics().await?;
+    assert!(metric(&text, r#"cellmon_persist_retries_total{sink="pg"}"#).unwrap_or(0.0) > 0.0);
+    Ok(())
+}
