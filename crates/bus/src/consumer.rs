@@ -169,7 +169,11 @@ impl Consumer {
         for stream in &self.streams {
             for group in GROUPS.iter().copied().chain([self.config.group.as_str()]) {
                 let mut cmd = redis::cmd("XGROUP");
-                cmd.arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM");
+                cmd.arg("CREATE")
+                    .arg(stream)
+                    .arg(group)
+                    .arg("0")
+                    .arg("MKSTREAM");
                 match self.query::<()>(&cmd, Duration::ZERO).await {
                     Ok(()) => {}
                     Err(BusError::Redis(e)) if is_code(&e, "BUSYGROUP") => {}
@@ -197,7 +201,11 @@ impl Consumer {
         }
     }
 
-    async fn read_once(&self, block: Option<Duration>, count: usize) -> Result<Vec<Entry>, BusError> {
+    async fn read_once(
+        &self,
+        block: Option<Duration>,
+        count: usize,
+    ) -> Result<Vec<Entry>, BusError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.config.group)
@@ -267,7 +275,8 @@ impl Consumer {
                 .arg("0-0")
                 .arg("COUNT")
                 .arg(room);
-            let reply: StreamAutoClaimReply = self.with_group(|| self.query(&cmd, Duration::ZERO)).await?;
+            let reply: StreamAutoClaimReply =
+                self.with_group(|| self.query(&cmd, Duration::ZERO)).await?;
             if reply.claimed.is_empty() {
                 continue;
             }
@@ -311,7 +320,10 @@ impl Consumer {
     }
 
     /// Acknowledges entries (after their sink committed them).
-    pub async fn ack<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) -> Result<(), BusError> {
+    pub async fn ack<'a>(
+        &self,
+        entries: impl IntoIterator<Item = &'a Entry>,
+    ) -> Result<(), BusError> {
         let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
         for entry in entries {
             by_stream.entry(&entry.stream).or_default().push(&entry.id);
@@ -321,7 +333,10 @@ impl Consumer {
         }
         let mut pipe = redis::pipe();
         for (stream, ids) in &by_stream {
-            pipe.cmd("XACK").arg(*stream).arg(&self.config.group).arg(ids);
+            pipe.cmd("XACK")
+                .arg(*stream)
+                .arg(&self.config.group)
+                .arg(ids);
         }
         let mut conn = self.conn.clone();
         let limit = self.config.timeout;
@@ -447,7 +462,9 @@ pub async fn trim(conn: &mut ConnectionManager, keys: &StreamKeys) -> Result<u64
                 .await?;
             let oldest_pending = match &summary {
                 Value::Array(items) => match items.get(1) {
-                    Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(StreamIdValue::parse),
+                    Some(Value::BulkString(b)) => {
+                        std::str::from_utf8(b).ok().and_then(StreamIdValue::parse)
+                    }
                     _ => None,
                 },
                 _ => None,
@@ -455,7 +472,9 @@ pub async fn trim(conn: &mut ConnectionManager, keys: &StreamKeys) -> Result<u64
             let needed = match oldest_pending {
                 Some(id) => id,
                 None => {
-                    let Some(last) = text(group, "last-delivered-id").and_then(|s| StreamIdValue::parse(&s)) else {
+                    let Some(last) =
+                        text(group, "last-delivered-id").and_then(|s| StreamIdValue::parse(&s))
+                    else {
                         continue;
                     };
                     last.next()

@@ -85,11 +85,13 @@ pub fn alerts(before: Option<&StudentStatus>, after: &StudentStatus) -> Vec<Aler
             .collect()
     };
     let errors = |s: &StudentStatus| -> Vec<CellKey> {
-        s.significant_errors.iter().map(|e| e.cell.clone()).collect()
+        s.significant_errors
+            .iter()
+            .map(|e| e.cell.clone())
+            .collect()
     };
-    let (help_before, errors_before) = before.map_or((Vec::new(), Vec::new()), |s| {
-        (open_help(s), errors(s))
-    });
+    let (help_before, errors_before) =
+        before.map_or((Vec::new(), Vec::new()), |s| (open_help(s), errors(s)));
     let (help_after, errors_after) = (open_help(after), errors(after));
 
     let mut alerts = Vec::new();

@@ -15,6 +15,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::{Mutex, Semaphore};
 
+use crate::verify::{Ledger, Outcome};
+
 /// What to send.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -59,15 +61,20 @@ struct Tally {
     histogram: Histogram<u64>,
     statuses: BTreeMap<String, u64>,
     accepted_events: u64,
+    ledger: Ledger,
 }
 
-fn body(batch: u32, students: u32, seq: u64) -> String {
+/// A request body of `batch` events and their ids.
+fn body(batch: u32, students: u32, seq: u64) -> (String, Vec<uuid::Uuid>) {
+    let mut ids = Vec::with_capacity(batch as usize);
     let events: Vec<String> = (0..u64::from(batch))
         .map(|i| {
             let n = seq * u64::from(batch) + i;
+            let id = uuid::Uuid::new_v4();
+            ids.push(id);
             format!(
                 r#"{{"eventId":"{}","eventType":"cell_executed","eventTime":"2026-04-01T10:00:00.000Z","emailAddress":"student{:04}@example.ac.jp","userName":"学生 {}","teamName":"チーム{}","notebookPath":"lesson1/intro.ipynb","cellId":"cell-{}","cellType":"code","code":"import numpy as np\nx = np.arange(10)\nprint(x.sum())","executionCount":{},"hasError":{},"result":"45","executionDurationMs":12.5}}"#,
-                uuid::Uuid::new_v4(),
+                id,
                 n % u64::from(students.max(1)),
                 n % u64::from(students.max(1)),
                 n % 12,
@@ -77,12 +84,12 @@ fn body(batch: u32, students: u32, seq: u64) -> String {
             )
         })
         .collect();
-    format!("[{}]", events.join(","))
+    (format!("[{}]", events.join(",")), ids)
 }
 
-/// Runs the load and reports. Prints a progress line every second to
-/// stderr.
-pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
+/// Runs the load and reports, with the ledger of every event sent. Prints
+/// a progress line every second to stderr.
+pub async fn run(spec: LoadSpec) -> anyhow::Result<(LoadReport, Ledger)> {
     anyhow::ensure!(
         spec.rate > 0 && spec.batch > 0,
         "rate and batch must be positive"
@@ -100,6 +107,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
         histogram: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         statuses: BTreeMap::new(),
         accepted_events: 0,
+        ledger: Ledger::new(),
     }));
     let permits = Arc::new(Semaphore::new(spec.max_in_flight));
     let requests_per_s = f64::from(spec.rate) / f64::from(spec.batch);
@@ -122,7 +130,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
         let http = clients[(seq % clients.len() as u64) as usize].clone();
         let url = spec.url.clone();
         let task_tally = Arc::clone(&tally);
-        let payload = body(spec.batch, spec.students, seq);
+        let (payload, ids) = body(spec.batch, spec.students, seq);
         let batch = u64::from(spec.batch);
         tasks.push(tokio::spawn(async move {
             let result = http
@@ -132,15 +140,23 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
                 .send()
                 .await;
             let micros = scheduled.elapsed().as_micros().max(1) as u64;
-            let status = match result {
+            let (status, outcome) = match result {
                 Ok(response) => {
-                    let status = response.status().as_u16();
+                    let status = response.status();
+                    let outcome = if status.is_success() {
+                        Outcome::Ok
+                    } else {
+                        Outcome::Fail
+                    };
                     let _ = response.bytes().await;
-                    status.to_string()
+                    (status.as_u16().to_string(), outcome)
                 }
-                Err(_) => "error".to_owned(),
+                Err(_) => ("error".to_owned(), Outcome::Unknown),
             };
             let mut tally = task_tally.lock().await;
+            for id in ids {
+                tally.ledger.record(id, outcome);
+            }
             let _ = tally.histogram.record(micros.min(60_000_000));
             if status == "202" {
                 tally.accepted_events += batch;
@@ -162,9 +178,10 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
         task.await?;
     }
     let wall = started.elapsed().as_secs_f64();
-    let tally = tally.lock().await;
+    let mut tally = tally.lock().await;
+    let ledger = std::mem::take(&mut tally.ledger);
     let ms = |q: f64| tally.histogram.value_at_quantile(q) as f64 / 1000.0;
-    Ok(LoadReport {
+    let report = LoadReport {
         offered_events_per_s: f64::from(spec.rate),
         accepted_events_per_s: tally.accepted_events as f64 / wall,
         requests: total,
@@ -177,7 +194,8 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<LoadReport> {
             max: tally.histogram.max() as f64 / 1000.0,
         },
         wall_s: wall,
-    })
+    };
+    Ok((report, ledger))
 }
 
 #[cfg(test)]
@@ -186,10 +204,11 @@ mod tests {
 
     #[test]
     fn bodies_are_valid_batches_of_the_wire_format() {
-        let text = body(3, 100, 7);
+        let (text, ids) = body(3, 100, 7);
         let items: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
         assert_eq!(items.len(), 3);
         assert_eq!(items[0]["eventType"], "cell_executed");
         assert_eq!(items[0]["emailAddress"], "student0021@example.ac.jp");
+        assert_eq!(items[2]["eventId"], ids[2].to_string());
     }
 }

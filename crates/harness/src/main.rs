@@ -10,8 +10,10 @@ use clap::{Parser, Subcommand};
 use cellmon_domain::lms::ClassId;
 use cellmon_harness::backend::BackendKind;
 use cellmon_harness::docker::Docker;
+use cellmon_harness::influx::InfluxClient;
 use cellmon_harness::stack::Stack;
 use cellmon_harness::supervise;
+use cellmon_harness::verify::{self, Ledger};
 use cellmon_ingest::config::ClassToken;
 
 #[derive(Debug, Parser)]
@@ -27,9 +29,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Start Postgres, Redis and InfluxDB locally and the ingest server in
-    /// front of them, print their URLs, and run until Ctrl-C (or SIGTERM),
-    /// then stop the server and remove the backends.
+    /// Start Postgres, Redis and InfluxDB locally, the ingest server in
+    /// front of them and the persister behind them, print their URLs, and
+    /// run until Ctrl-C (or SIGTERM), then stop both and remove the
+    /// backends.
     Up {
         /// Also write the URLs to this file as KEY=VALUE lines.
         #[arg(long)]
@@ -74,6 +77,36 @@ enum Cmd {
         /// Client addresses (127.0.1.1 ...) the requests come from.
         #[arg(long, default_value_t = 100)]
         clients: u8,
+        /// Write the ledger (every event id and its outcome, JSON Lines)
+        /// here, for `harness verify`.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+    },
+    /// Check a ledger against Postgres and InfluxDB: lost, duplicates and
+    /// unexpected events per sink, and their agreement per student and
+    /// event type. Exits with 1 when the check fails. Defaults come from
+    /// the variables `harness up` prints.
+    Verify {
+        /// The ledger written by `harness load --ledger`.
+        #[arg(long)]
+        ledger: PathBuf,
+        /// Postgres database the persister writes.
+        #[arg(long, env = "CELLMON_DATABASE_URL")]
+        postgres_url: String,
+        #[arg(long, env = "CELLMON_INFLUXDB_URL")]
+        influx_url: String,
+        #[arg(long, env = "CELLMON_INFLUX_DATABASE", default_value = "cellmon")]
+        influx_database: String,
+        /// Only this class (default: everything stored).
+        #[arg(long, env = "CELLMON_CLASS_ID")]
+        class: Option<uuid::Uuid>,
+        /// Keep checking until the check passes or this many seconds
+        /// passed (the sinks may still be catching up).
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+        /// Print the verdict as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove harness containers whose owner has exited, waiting up to
     /// --wait seconds for running supervisors to finish their own clean-up.
@@ -134,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_in_flight,
             students,
             clients,
+            ledger,
         } => {
             let spec = cellmon_harness::load::LoadSpec {
                 url,
@@ -145,13 +179,59 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 clients,
             };
             eprintln!("offering {rate} events/s in batches of {batch} for {duration} s ...");
-            let report = cellmon_harness::load::run(spec).await?;
+            let (report, events) = cellmon_harness::load::run(spec).await?;
+            if let Some(path) = ledger {
+                events.write(&path)?;
+                eprintln!(
+                    "ledger of {} events written to {}",
+                    events.len(),
+                    path.display()
+                );
+            }
             use std::io::Write as _;
             writeln!(
                 std::io::stdout().lock(),
                 "{}",
                 serde_json::to_string_pretty(&report)?
             )?;
+        }
+        Cmd::Verify {
+            ledger,
+            postgres_url,
+            influx_url,
+            influx_database,
+            class,
+            wait,
+            json,
+        } => {
+            let ledger = Ledger::read(&ledger)?;
+            let pool = sqlx::PgPool::connect(&postgres_url).await?;
+            let influx = InfluxClient::new(&influx_url)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(wait);
+            let verdict = loop {
+                let verdict =
+                    verify::verify(&ledger, &pool, &influx, &influx_database, class).await?;
+                if verdict.passes() || std::time::Instant::now() >= deadline {
+                    break verdict;
+                }
+                eprintln!(
+                    "  waiting for the sinks: postgres {} / influxdb {} of {} acknowledged",
+                    verdict.acknowledged - verdict.postgres.lost.len(),
+                    verdict.acknowledged - verdict.influx.lost.len(),
+                    verdict.acknowledged
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&verdict)?)?;
+            } else {
+                writeln!(out, "{}", verdict.summary())?;
+            }
+            if !verdict.passes() {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Cmd::Cleanup { wait } => {
             let left = supervise::cleanup(Duration::from_secs(wait)).await?;
@@ -192,7 +272,11 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
     let class_id = ClassId::random();
     let token = format!("dev-{}", uuid::Uuid::new_v4().simple());
     let spool_dir = std::env::temp_dir().join(format!("cellmon-up-{}", std::process::id()));
+    // The persister writes to a database of its own, which it migrates.
+    let database_url = cellmon_harness::pg::with_database(&stack.postgres.url(), "cellmon");
+    create_database(&stack.postgres.url(), "cellmon").await?;
     let mut config = cellmon_ingest::Config {
+        role: cellmon_ingest::config::Role::All,
         redis_url: stack.redis.url().into(),
         classes: vec![ClassToken {
             class_id,
@@ -202,6 +286,9 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
         ..cellmon_ingest::Config::default()
     };
     config.spool.dir = spool_dir.clone();
+    config.persister.postgres_url = database_url.clone().into();
+    config.persister.influx_url = stack.influx.url();
+    config.persister.influx_database = "cellmon".into();
     let (stop_ingest, ingest_stopped) = tokio::sync::oneshot::channel::<()>();
     let ingest = tokio::spawn(cellmon_ingest::serve(config, listener, async {
         let _ = ingest_stopped.await;
@@ -212,6 +299,8 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
         let var = format!("CELLMON_{}_URL", kind.name().to_uppercase());
         env.push_str(&format!("{var}={}\n", stack.backend(kind).url()));
     }
+    env.push_str(&format!("CELLMON_DATABASE_URL={database_url}\n"));
+    env.push_str("CELLMON_INFLUX_DATABASE=cellmon\n");
     env.push_str(&format!("CELLMON_INGEST_URL=http://{ingest_addr}\n"));
     env.push_str(&format!("CELLMON_CLASS_ID={class_id}\n"));
     env.push_str(&format!("CELLMON_INGEST_TOKEN={token}\n"));
@@ -225,6 +314,10 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
         writeln!(
             out,
             "events: POST http://{ingest_addr}/api/v1/events?token={token} (or without a token)"
+        )?;
+        writeln!(
+            out,
+            "the persister writes them to Postgres ({database_url}) and InfluxDB (database cellmon)"
         )?;
         writeln!(out, "ready; press Ctrl-C to stop and remove the backends")?;
     }
@@ -242,5 +335,23 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
     stack.shutdown().await?;
     let _ = std::fs::remove_dir_all(&spool_dir);
     eprintln!("backends removed");
+    Ok(())
+}
+
+/// `CREATE DATABASE name` unless it exists.
+async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(admin_url).await?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(name)
+        .fetch_optional(&mut admin)
+        .await?;
+    if exists.is_none() {
+        // `name` is a constant of this program, never input.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await?;
+    }
+    admin.close().await?;
     Ok(())
 }

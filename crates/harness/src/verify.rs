@@ -257,7 +257,10 @@ pub async fn postgres_contents(pool: &PgPool, class: Option<Uuid>) -> anyhow::Re
         contents.ids.push(row.try_get("event_id")?);
         let student: String = row.try_get("student_key")?;
         let kind: String = row.try_get("event_type")?;
-        *contents.groups.entry(group_key(&student, &kind)).or_default() += 1;
+        *contents
+            .groups
+            .entry(group_key(&student, &kind))
+            .or_default() += 1;
     }
     Ok(contents)
 }

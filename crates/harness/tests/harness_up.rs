@@ -52,15 +52,68 @@ async fn up_prints_working_urls_and_ctrl_c_removes_the_backends() -> anyhow::Res
             .find_map(|l| l.strip_prefix("CELLMON_INGEST_TOKEN="))
             .unwrap_or_default()
     );
+    let help_id = uuid::Uuid::new_v4();
     let response = reqwest::Client::new()
         .post(&events)
         .header("content-type", "application/json")
-        .body(r#"[{"eventType":"help","emailAddress":"hanako@example.ac.jp"}]"#)
+        .body(format!(
+            r#"[{{"eventId":"{help_id}","eventType":"help","emailAddress":"hanako@example.ac.jp"}}]"#
+        ))
         .send()
         .await?;
     assert_eq!(response.status(), 202);
     let body: serde_json::Value = response.json().await?;
     assert_eq!(body["accepted"], 1, "{body}");
+
+    // A short load with a ledger, then `harness verify`: the persister that
+    // `harness up` runs has every acknowledged event in both sinks.
+    let ledger = dir.join("ledger.jsonl");
+    let load = Command::new(env!("CARGO_BIN_EXE_harness"))
+        .args([
+            "load",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--batch",
+            "2",
+            "--url",
+        ])
+        .arg(&events)
+        .arg("--ledger")
+        .arg(&ledger)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .await?;
+    assert!(load.success());
+    // The help event above is part of what this client sent.
+    let mut lines = std::fs::read_to_string(&ledger)?;
+    lines.push_str(&format!("{{\"id\":\"{help_id}\",\"outcome\":\"ok\"}}\n"));
+    std::fs::write(&ledger, lines)?;
+    let mut verify = Command::new(env!("CARGO_BIN_EXE_harness"));
+    verify
+        .args(["verify", "--wait", "30", "--ledger"])
+        .arg(&ledger);
+    for line in env.lines() {
+        if let Some((key, value)) = line.split_once('=') {
+            verify.env(key, value);
+        }
+    }
+    let output = verify.output().await?;
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        report.contains("postgres: stored 401 lost 0 duplicates 0 unexpected 0"),
+        "{report}"
+    );
+    assert!(
+        report.contains("influxdb: stored 401 lost 0 duplicates 0 unexpected 0"),
+        "{report}"
+    );
 
     let docker = Docker::connect().await?;
     assert_eq!(owned_by(&docker, pid).await?, 3);

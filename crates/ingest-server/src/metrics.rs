@@ -3,9 +3,8 @@
 //! template and status, never paths or e-mails).
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
-    TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 #[derive(Debug, Clone)]
@@ -44,8 +43,9 @@ pub struct PersistMetrics {
 impl PersistMetrics {
     fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
         let batch_size = HistogramVec::new(
-            HistogramOpts::new("cellmon_persist_batch_events", "Events per written batch")
-                .buckets(vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0]),
+            HistogramOpts::new("cellmon_persist_batch_events", "Events per written batch").buckets(
+                vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0],
+            ),
             &["sink"],
         )?;
         let write_seconds = HistogramVec::new(

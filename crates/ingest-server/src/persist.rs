@@ -126,8 +126,7 @@ async fn publish_status(
     if students.is_empty() {
         return Ok(());
     }
-    let recomputed =
-        status::recompute(pool, students, time::OffsetDateTime::now_utc()).await?;
+    let recomputed = status::recompute(pool, students, time::OffsetDateTime::now_utc()).await?;
     let mut by_class: BTreeMap<ClassId, Vec<Unnumbered>> = BTreeMap::new();
     for change in &recomputed.changes {
         let messages = by_class.entry(change.class_id).or_default();
@@ -196,11 +195,7 @@ pub async fn run(
         timeout: Duration::from_millis(settings.influx_timeout_ms.max(100)),
     })?;
 
-    let consumer_name = format!(
-        "{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    );
+    let consumer_name = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let pg_sink = Sink::Postgres {
         pool: pool.clone(),
         control: control.clone(),
@@ -220,7 +215,7 @@ pub async fn run(
         )),
         tokio::spawn(run_sink(
             Sink::Influx(influx.clone()),
-            Prepare::CreateDatabase(influx),
+            Prepare::CreateDatabase(Box::new(influx)),
             settings.clone(),
             redis_url.clone(),
             keys.clone(),
@@ -262,7 +257,7 @@ async fn connect_control(
 /// What a sink must have done before it consumes.
 enum Prepare {
     Migrate(PgPool, bool),
-    CreateDatabase(InfluxWriter),
+    CreateDatabase(Box<InfluxWriter>),
 }
 
 impl Prepare {
@@ -302,7 +297,10 @@ async fn run_sink(
 ) {
     let name = sink.name();
     let retry_max = Duration::from_millis(settings.retry_max_ms.max(1));
-    let mut backoff = Backoff::new(Duration::from_millis(settings.retry_initial_ms.max(1)), retry_max);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(settings.retry_initial_ms.max(1)),
+        retry_max,
+    );
     while let Err(error) = prepare.run().await {
         tracing::warn!(sink = name, %error, "sink not ready; retrying");
         if pause_or_stop(backoff.next(), &mut shutdown).await {

@@ -88,7 +88,10 @@ async fn dup_storm() -> anyhow::Result<()> {
     send_all(&ingest.events_url(), &events, 20, 4, &mut ledger).await?;
     let spooled = metric(&ingest.metrics().await?, "cellmon_events_spooled_total").unwrap_or(0.0);
     backends.stack.redis.proxy().clear();
-    assert!(spooled >= 600.0, "the third copy went through the spool: {spooled}");
+    assert!(
+        spooled >= 600.0,
+        "the third copy went through the spool: {spooled}"
+    );
 
     let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(60)).await?;
     assert_pass(&verdict);
@@ -132,7 +135,10 @@ async fn influx_poison() -> anyhow::Result<()> {
 
     let text = ingest.metrics().await?;
     assert_eq!(
-        metric(&text, r#"cellmon_persist_dead_letters_total{sink="influx"}"#),
+        metric(
+            &text,
+            r#"cellmon_persist_dead_letters_total{sink="influx"}"#
+        ),
         Some(1.0),
         "{text}"
     );
@@ -172,9 +178,7 @@ async fn pg_ambiguous() -> anyhow::Result<()> {
     let mut ledger = Ledger::new();
     let url = ingest.events_url();
     let proxy = backends.stack.postgres.proxy();
-    let sender = async {
-        send_all(&url, &events, 10, 4, &mut ledger).await
-    };
+    let sender = async { send_all(&url, &events, 10, 4, &mut ledger).await };
     // Reset every Postgres connection a few times while batches are in
     // flight: some land during COMMIT, whose outcome the client never learns.
     let faults = async {
@@ -219,7 +223,10 @@ async fn pg_slow() -> anyhow::Result<()> {
     let attempted = ledger.len();
     let acknowledged = ledger.ids(cellmon_harness::verify::Outcome::Ok).len();
     let availability = acknowledged as f64 / attempted as f64;
-    eprintln!("PG-SLOW: {acknowledged}/{attempted} acknowledged ({:.2}%)", availability * 100.0);
+    eprintln!(
+        "PG-SLOW: {acknowledged}/{attempted} acknowledged ({:.2}%)",
+        availability * 100.0
+    );
     assert!(availability >= 0.999, "availability {availability}");
     let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(60)).await?;
     assert_pass(&verdict);
@@ -268,7 +275,10 @@ async fn influx_down() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     eprintln!("INFLUX-DOWN: worst Postgres lag {worst_lag:?}");
-    assert!(worst_lag < Duration::from_secs(1), "Postgres lag {worst_lag:?}");
+    assert!(
+        worst_lag < Duration::from_secs(1),
+        "Postgres lag {worst_lag:?}"
+    );
     let text = ingest.metrics().await?;
     let retries = metric(&text, r#"cellmon_persist_retries_total{sink="influx"}"#).unwrap_or(0.0);
     assert!(retries > 0.0, "InfluxDB was unreachable: {text}");
@@ -296,7 +306,10 @@ impl PersisterProcess {
             .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
             .env("CELLMON_INGEST_PERSISTER__POSTGRES_URL", backends.pg_url())
             .env("CELLMON_INGEST_PERSISTER__POSTGRES_TIMEOUT_MS", "30000")
-            .env("CELLMON_INGEST_PERSISTER__INFLUX_URL", backends.influx_url())
+            .env(
+                "CELLMON_INGEST_PERSISTER__INFLUX_URL",
+                backends.influx_url(),
+            )
             .env(
                 "CELLMON_INGEST_PERSISTER__INFLUX_DATABASE",
                 backends.influx_database(),
@@ -304,7 +317,10 @@ impl PersisterProcess {
             .env("CELLMON_INGEST_PERSISTER__BATCH_WAIT_MS", "20")
             .env("CELLMON_INGEST_PERSISTER__CLAIM_IDLE_MS", "1000")
             .env("CELLMON_INGEST_PERSISTER__CLAIM_INTERVAL_MS", "250")
-            .env("RUST_LOG", std::env::var("PERSISTER_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PERSISTER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .kill_on_drop(true)
             .spawn()?;
         let url = format!("http://127.0.0.1:{port}");
@@ -334,7 +350,10 @@ impl PersisterProcess {
 
 /// Entries of the `pg` group delivered and not acknowledged, read straight
 /// from Redis (not through the proxy, which the test may be hanging).
-async fn pg_pending(backends: &TestBackends, keys: &cellmon_bus::StreamKeys) -> anyhow::Result<u64> {
+async fn pg_pending(
+    backends: &TestBackends,
+    keys: &cellmon_bus::StreamKeys,
+) -> anyhow::Result<u64> {
     let direct = format!("redis://{}/", backends.stack.redis.proxy().upstream());
     let client = redis::Client::open(direct)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
@@ -451,7 +470,9 @@ async fn persister_kill() -> anyhow::Result<()> {
     let reclaimed = third
         .metric(r#"cellmon_persist_reclaimed_total{sink="pg"}"#)
         .await?;
-    eprintln!("PERSISTER-KILL COMMIT->XACK: {pending} pending at the kill, successor reclaimed {reclaimed}");
+    eprintln!(
+        "PERSISTER-KILL COMMIT->XACK: {pending} pending at the kill, successor reclaimed {reclaimed}"
+    );
     assert!(reclaimed > 0.0);
 
     let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(30)).await?;
@@ -487,9 +508,7 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
             event["notebookPath"] = json!("lesson1.ipynb");
             events.push(event);
         };
-        let run = |cell: &str, failed: bool| {
-            json!({"eventType": "cell_executed", "cellId": cell, "hasError": failed})
-        };
+        let run = |cell: &str, failed: bool| json!({"eventType": "cell_executed", "cellId": cell, "hasError": failed});
         // Cell a: two failures, a success, two failures: never three in a
         // row by event time, though a worker's order could make it look so.
         for (i, failed) in [true, true, false, true, true].into_iter().enumerate() {
@@ -512,7 +531,14 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
     }
 
     let mut ledger_a = Ledger::new();
-    send_all(&ordered.events_url(), &events, events.len(), 1, &mut ledger_a).await?;
+    send_all(
+        &ordered.events_url(),
+        &events,
+        events.len(),
+        1,
+        &mut ledger_a,
+    )
+    .await?;
     // Shuffled (a fixed permutation), in requests of 3, every event twice.
     let mut order: Vec<usize> = (0..events.len()).collect();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -527,10 +553,28 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
     let mut ledger_b = Ledger::new();
     send_all(&shuffled.events_url(), &twice, 3, 4, &mut ledger_b).await?;
 
-    assert_pass(&verified(&ordered_backends, ordered.class_id, &ledger_a, Duration::from_secs(60)).await?);
-    assert_pass(&verified(&shuffled_backends, shuffled.class_id, &ledger_b, Duration::from_secs(60)).await?);
+    assert_pass(
+        &verified(
+            &ordered_backends,
+            ordered.class_id,
+            &ledger_a,
+            Duration::from_secs(60),
+        )
+        .await?,
+    );
+    assert_pass(
+        &verified(
+            &shuffled_backends,
+            shuffled.class_id,
+            &ledger_b,
+            Duration::from_secs(60),
+        )
+        .await?,
+    );
 
-    async fn statuses(backends: &TestBackends) -> anyhow::Result<std::collections::BTreeMap<String, Value>> {
+    async fn statuses(
+        backends: &TestBackends,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, Value>> {
         let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
         let rows: Vec<(String, sqlx::types::Json<Value>)> = sqlx::query_as(
             "SELECT s.student_key, st.detail FROM student_status st
@@ -538,7 +582,10 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
         )
         .fetch_all(&pool)
         .await?;
-        Ok(rows.into_iter().map(|(k, sqlx::types::Json(v))| (k, v)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(k, sqlx::types::Json(v))| (k, v))
+            .collect())
     }
     // Every commit is followed by a recompute; wait for the last ones.
     let (a, b) = cellmon_harness::eventually(Duration::from_secs(30), || async {
@@ -553,17 +600,24 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
     for (student, status) in &a {
         let n: usize = student[1..3].parse()?;
         let errors = status["significant_errors"].as_array().map_or(0, Vec::len);
-        assert_eq!(errors, usize::from(n % 2 == 0), "{student}: {status}");
+        assert_eq!(
+            errors,
+            usize::from(n.is_multiple_of(2)),
+            "{student}: {status}"
+        );
         significant += errors;
-        let expected = if n % 3 == 0 && n % 6 != 0 {
+        let expected = if n.is_multiple_of(3) && !n.is_multiple_of(6) {
             "help"
-        } else if n % 2 == 0 {
+        } else if n.is_multiple_of(2) {
             "significant_error"
         } else {
             "error"
         };
         assert_eq!(status["status"], expected, "{student}: {status}");
-        assert_eq!(status["executions"], if n % 2 == 0 { 8 } else { 5 });
+        assert_eq!(
+            status["executions"],
+            if n.is_multiple_of(2) { 8 } else { 5 }
+        );
     }
     assert_eq!(significant, 10);
     Ok(())

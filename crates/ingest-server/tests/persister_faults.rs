@@ -12,10 +12,17 @@ use common::{Ingest, classroom_event, metric, persisting, send_all, verified};
 use serde_json::Value;
 
 /// Sends `per_tick` events every 100 ms until `until`, recording outcomes.
-async fn steady_load(url: &str, until: Instant, per_tick: usize, ledger: &mut Ledger) -> anyhow::Result<()> {
+async fn steady_load(
+    url: &str,
+    until: Instant,
+    per_tick: usize,
+    ledger: &mut Ledger,
+) -> anyhow::Result<()> {
     let mut n = 0;
     while Instant::now() < until {
-        let batch: Vec<Value> = (n..n + per_tick).map(|i| classroom_event(i % 25, i)).collect();
+        let batch: Vec<Value> = (n..n + per_tick)
+            .map(|i| classroom_event(i % 25, i))
+            .collect();
         n += per_tick;
         send_all(url, &batch, 1, per_tick, ledger).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -33,7 +40,13 @@ async fn pg_kill() -> anyhow::Result<()> {
     let url = ingest.events_url();
     let mut ledger = Ledger::new();
 
-    steady_load(&url, Instant::now() + Duration::from_secs(2), 10, &mut ledger).await?;
+    steady_load(
+        &url,
+        Instant::now() + Duration::from_secs(2),
+        10,
+        &mut ledger,
+    )
+    .await?;
     backends.stack.postgres.kill().await?;
     let killed = Instant::now();
     steady_load(&url, killed + Duration::from_secs(4), 10, &mut ledger).await?;
@@ -43,14 +56,23 @@ async fn pg_kill() -> anyhow::Result<()> {
     assert!(backlog > 0.0, "pg backlog during the outage: {backlog}");
     backends.stack.postgres.start_again().await?;
     let back = Instant::now();
-    eprintln!("PG-KILL: Postgres down {:.1} s", (back - killed).as_secs_f64());
+    eprintln!(
+        "PG-KILL: Postgres down {:.1} s",
+        (back - killed).as_secs_f64()
+    );
 
     let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(10)).await?;
     let recovered = back.elapsed();
     eprintln!("{}", verdict.summary());
-    eprintln!("PG-KILL: every acknowledged event in Postgres {:.1} s after it answered", recovered.as_secs_f64());
+    eprintln!(
+        "PG-KILL: every acknowledged event in Postgres {:.1} s after it answered",
+        recovered.as_secs_f64()
+    );
     assert!(verdict.passes(), "{verdict:#?}");
-    assert!(recovered <= Duration::from_secs(10), "recovery took {recovered:?}");
+    assert!(
+        recovered <= Duration::from_secs(10),
+        "recovery took {recovered:?}"
+    );
     let text = ingest.metrics().await?;
     assert!(metric(&text, r#"cellmon_persist_retries_total{sink="pg"}"#).unwrap_or(0.0) > 0.0);
     Ok(())

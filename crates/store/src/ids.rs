@@ -70,7 +70,10 @@ mod tests {
         let c1 = ClientId::parse("c1").unwrap();
         assert_ne!(cell(s, Some(&path), &c1), cell(s, None, &c1));
         // Pinned: stored rows depend on it, so it may never change.
-        assert_eq!(team(class, "チームA").to_string(), "66016e6b-bc54-5f7b-8fcd-6c0c873897a9");
+        assert_eq!(
+            team(class, "チームA").to_string(),
+            "66016e6b-bc54-5f7b-8fcd-6c0c873897a9"
+        );
         assert_eq!(s.0.get_version_num(), 5);
     }
 }

@@ -32,7 +32,11 @@ pub const EXECUTION_MEASUREMENT: &str = "cell_execution";
 
 /// The point timestamp of an event, in nanoseconds since the epoch.
 pub fn timestamp_ns(item: &StreamEvent) -> i128 {
-    let millis = item.event.time().unix_timestamp_nanos().div_euclid(1_000_000);
+    let millis = item
+        .event
+        .time()
+        .unix_timestamp_nanos()
+        .div_euclid(1_000_000);
     let id = item.event.id.as_uuid().as_u128();
     millis * 1_000_000 + (id % 1_000_000) as i128
 }
@@ -186,8 +190,7 @@ pub struct InfluxWriter {
 
 impl InfluxWriter {
     pub fn new(config: InfluxConfig) -> Result<Self, InfluxError> {
-        let base =
-            reqwest::Url::parse(&config.url).map_err(|e| InfluxError::Url(e.to_string()))?;
+        let base = reqwest::Url::parse(&config.url).map_err(|e| InfluxError::Url(e.to_string()))?;
         let join = |path| base.join(path).map_err(|e| InfluxError::Url(e.to_string()));
         let http = reqwest::Client::builder()
             .timeout(config.timeout)

@@ -27,8 +27,8 @@ use cellmon_domain::id::EventId;
 use cellmon_domain::live::StudentRef;
 use cellmon_domain::lms::{ClassId, StudentId};
 use cellmon_domain::status::{
-    Activity, ActivityEvent, CellKey, HelpRequest, InstructorAction, OrderKey, StatusRules,
-    StudentStatus, derive_status, HELP_WINDOW,
+    Activity, ActivityEvent, CellKey, HELP_WINDOW, HelpRequest, InstructorAction, OrderKey,
+    StatusRules, StudentStatus, derive_status,
 };
 use serde::Deserialize;
 use sqlx::types::Json;
@@ -236,7 +236,10 @@ pub async fn recompute(
         if let Some(Json(latest)) = latest {
             // Its kind does not matter: if it is a run or a help event it is
             // loaded above too, and duplicates by id count once.
-            if !events.iter().any(|e| e.key.id.as_uuid() == &latest.event_id) {
+            if !events
+                .iter()
+                .any(|e| e.key.id.as_uuid() == &latest.event_id)
+            {
                 events.push(ActivityEvent {
                     key: key(latest.event_time, latest.event_id),
                     activity: Activity::Other,

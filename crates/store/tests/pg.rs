@@ -17,7 +17,10 @@ fn event(n: u32, kind: &str, student: &str, secs: i64, failed: Option<bool>) -> 
     let wire = WireEvent {
         event_id: Some(uuid::Uuid::from_u128(u128::from(n)).to_string()),
         event_type: Some(kind.into()),
-        event_time: Some(time.format(&time::format_description::well_known::Rfc3339).unwrap()),
+        event_time: Some(
+            time.format(&time::format_description::well_known::Rfc3339)
+                .unwrap(),
+        ),
         email_address: Some(format!("{student}@example.ac.jp")),
         user_name: Some(format!("学生 {student}")),
         team_name: Some("チームA".into()),
@@ -92,7 +95,9 @@ async fn names_follow_the_newest_event_in_any_order() -> anyhow::Result<()> {
     older.event.student.name = Some(cellmon_domain::fields::DisplayName::parse("Old")?);
     pg::write_batch(&pool, &[newer]).await?;
     pg::write_batch(&pool, &[older]).await?;
-    let name: String = sqlx::query_scalar("SELECT name FROM students").fetch_one(&pool).await?;
+    let name: String = sqlx::query_scalar("SELECT name FROM students")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(name, "New");
     Ok(())
 }
@@ -135,10 +140,14 @@ async fn status_is_derived_from_stored_events() -> anyhow::Result<()> {
     recomputed.commit().await?;
 
     // A success clears the significant error; the stored status is "before".
-    let outcome = pg::write_batch(&pool, &[event(6, "cell_executed", "a", 50, Some(false))]).await?;
+    let outcome =
+        pg::write_batch(&pool, &[event(6, "cell_executed", "a", 50, Some(false))]).await?;
     let recomputed = status::recompute(&pool, &outcome.students, now).await?;
     let change = &recomputed.changes[0];
-    assert_eq!(change.before.as_ref().map(|s| s.status), Some(Status::SignificantError));
+    assert_eq!(
+        change.before.as_ref().map(|s| s.status),
+        Some(Status::SignificantError)
+    );
     assert_eq!(change.after.status, Status::Active);
     recomputed.commit().await?;
     let snapshot = status::class_status(&pool, CLASS).await?;

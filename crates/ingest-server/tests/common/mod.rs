@@ -288,7 +288,7 @@ pub(crate) fn classroom_event(student: usize, n: usize) -> Value {
             "eventType": "cell_executed",
             "cellId": format!("cell-{}", n % 4),
             "code": "print(x)",
-            "hasError": n % 3 == 0,
+            "hasError": n.is_multiple_of(3),
             "errorMessage": "NameError: name 'x' is not defined",
             "executionCount": n,
             "executionDurationMs": 1.5
