@@ -77,3 +77,38 @@ async fn pg_kill() -> anyhow::Result<()> {
     assert!(metric(&text, r#"cellmon_persist_retries_total{sink="pg"}"#).unwrap_or(0.0) > 0.0);
     Ok(())
 }
+
+/// REDIS-AMNESIA for the persister: Redis comes back empty; the consumer
+/// groups are recreated and new events reach both sinks, with no crash
+/// loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_amnesia_recreates_the_groups() -> anyhow::Result<()> {
+    let mut backends = TestBackends::private().await?;
+    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let url = ingest.events_url();
+    let mut ledger = Ledger::new();
+    let before: Vec<Value> = (0..50).map(|i| classroom_event(i % 5, i)).collect();
+    send_all(&url, &before, 5, 2, &mut ledger).await?;
+    let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(20)).await?;
+    assert!(verdict.passes(), "{verdict:#?}");
+
+    let docker = cellmon_harness::docker::Docker::connect().await?;
+    backends.stack.redis.replace_container(&docker).await?;
+    let after: Vec<Value> = (50..100).map(|i| classroom_event(i % 5, i)).collect();
+    send_all(&url, &after, 5, 2, &mut ledger).await?;
+    let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(30)).await?;
+    eprintln!("{}", verdict.summary());
+    assert!(verdict.passes(), "{verdict:#?}");
+
+    let redis = redis::Client::open(backends.redis_url())?;
+    let mut conn = redis.get_multiplexed_async_connection().await?;
+    for key in ingest.keys.all_events() {
+        let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await?;
+        assert_eq!(groups.len(), 2, "{key}: both groups recreated");
+    }
+    Ok(())
+}
