@@ -36,6 +36,7 @@ pub struct PersistMetrics {
     pub dead_letters: IntCounterVec,
     pub reclaimed: IntCounterVec,
     pub backlog: IntGaugeVec,
+    pub running: IntGaugeVec,
     pub trimmed: IntCounter,
     pub live_messages: IntCounterVec,
 }
@@ -93,6 +94,13 @@ impl PersistMetrics {
             ),
             &["sink"],
         )?;
+        let running = IntGaugeVec::new(
+            Opts::new(
+                "cellmon_persist_sink_running",
+                "1 while a sink consumes (its backend prepared, its group joined), else 0",
+            ),
+            &["sink"],
+        )?;
         let trimmed = IntCounter::new(
             "cellmon_stream_trimmed_entries_total",
             "Stream entries trimmed after every group acknowledged them",
@@ -111,6 +119,7 @@ impl PersistMetrics {
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(reclaimed.clone()))?;
         registry.register(Box::new(backlog.clone()))?;
+        registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(trimmed.clone()))?;
         registry.register(Box::new(live_messages.clone()))?;
         Ok(Self {
@@ -121,6 +130,7 @@ impl PersistMetrics {
             dead_letters,
             reclaimed,
             backlog,
+            running,
             trimmed,
             live_messages,
         })

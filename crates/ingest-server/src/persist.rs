@@ -296,6 +296,7 @@ async fn run_sink(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let name = sink.name();
+    metrics.running.with_label_values(&[name]).set(0);
     let retry_max = Duration::from_millis(settings.retry_max_ms.max(1));
     let mut backoff = Backoff::new(
         Duration::from_millis(settings.retry_initial_ms.max(1)),
@@ -331,6 +332,7 @@ async fn run_sink(
     };
     backoff.reset();
     tracing::info!(sink = name, consumer = %config.consumer, "persister sink running");
+    metrics.running.with_label_values(&[name]).set(1);
     let claim_interval = Duration::from_millis(settings.claim_interval_ms.max(1));
     // Claim at once: a restarted persister finds what its previous life left.
     let mut next_claim = Instant::now();
@@ -390,6 +392,7 @@ async fn run_sink(
         }
         worker.process(&mut sink, batch, &mut shutdown).await;
     }
+    metrics.running.with_label_values(&[name]).set(0);
     tracing::info!(sink = name, "persister sink stopped");
 }
 

@@ -295,6 +295,8 @@ struct PersisterProcess {
 }
 
 impl PersisterProcess {
+    /// Starts one and waits until its `pg` sink consumes (it has migrated
+    /// and joined the group).
     async fn spawn(backends: &TestBackends) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -330,7 +332,16 @@ impl PersisterProcess {
             Ok(())
         })
         .await?;
-        Ok(Self { child, url })
+        let process = Self { child, url };
+        cellmon_harness::eventually(Duration::from_secs(30), || async {
+            let running = process
+                .metric(r#"cellmon_persist_sink_running{sink="pg"}"#)
+                .await?;
+            anyhow::ensure!(running == 1.0, "the pg sink is not consuming yet");
+            Ok(())
+        })
+        .await?;
+        Ok(process)
     }
 
     async fn metric(&self, name: &str) -> anyhow::Result<f64> {
