@@ -66,6 +66,10 @@ struct Tally {
 
 /// A request body of `batch` events and their ids.
 fn body(batch: u32, students: u32, seq: u64) -> (String, Vec<uuid::Uuid>) {
+    // Sent now, as the extension would stamp it.
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
     let mut ids = Vec::with_capacity(batch as usize);
     let events: Vec<String> = (0..u64::from(batch))
         .map(|i| {
@@ -73,8 +77,9 @@ fn body(batch: u32, students: u32, seq: u64) -> (String, Vec<uuid::Uuid>) {
             let id = uuid::Uuid::new_v4();
             ids.push(id);
             format!(
-                r#"{{"eventId":"{}","eventType":"cell_executed","eventTime":"2026-04-01T10:00:00.000Z","emailAddress":"student{:04}@example.ac.jp","userName":"学生 {}","teamName":"チーム{}","notebookPath":"lesson1/intro.ipynb","cellId":"cell-{}","cellType":"code","code":"import numpy as np\nx = np.arange(10)\nprint(x.sum())","executionCount":{},"hasError":{},"result":"45","executionDurationMs":12.5}}"#,
+                r#"{{"eventId":"{}","eventType":"cell_executed","eventTime":"{}","emailAddress":"student{:04}@example.ac.jp","userName":"学生 {}","teamName":"チーム{}","notebookPath":"lesson1/intro.ipynb","cellId":"cell-{}","cellType":"code","code":"import numpy as np\nx = np.arange(10)\nprint(x.sum())","executionCount":{},"hasError":{},"result":"45","executionDurationMs":12.5}}"#,
                 id,
+                now,
                 n % u64::from(students.max(1)),
                 n % u64::from(students.max(1)),
                 n % 12,
