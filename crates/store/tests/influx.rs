@@ -32,7 +32,7 @@ fn event(n: u32, team: &str) -> StreamEvent {
         team_name: Some(team.into()),
         notebook_path: Some("dir/my notebook, v2.ipynb".into()),
         cell_id: Some("c1".into()),
-        has_error: Some(n % 7 == 0),
+        has_error: Some(n.is_multiple_of(7)),
         execution_duration_ms: Some(1.5),
         ..WireEvent::default()
     };
