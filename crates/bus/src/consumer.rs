@@ -39,7 +39,8 @@ pub struct ConsumerConfig {
     pub group: String,
     /// Unique per process (and per sink task).
     pub consumer: String,
-    /// A batch ends at this many entries ...
+    /// A batch ends at about this many entries (at most one more per
+    /// shard) ...
     pub batch_max: usize,
     /// ... or this long after its first entry arrived, whichever is first.
     pub batch_wait: Duration,
@@ -201,17 +202,20 @@ impl Consumer {
         }
     }
 
+    /// One `XREADGROUP` for about `count` entries over all shards (COUNT
+    /// applies per stream, so it is split between them).
     async fn read_once(
         &self,
         block: Option<Duration>,
         count: usize,
     ) -> Result<Vec<Entry>, BusError> {
+        let per_stream = count.div_ceil(self.streams.len().max(1)).max(1);
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.config.group)
             .arg(&self.config.consumer)
             .arg("COUNT")
-            .arg(count.max(1));
+            .arg(per_stream);
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         }

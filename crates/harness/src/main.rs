@@ -87,9 +87,10 @@ enum Cmd {
     /// event type. Exits with 1 when the check fails. Defaults come from
     /// the variables `harness up` prints.
     Verify {
-        /// The ledger written by `harness load --ledger`.
-        #[arg(long)]
-        ledger: PathBuf,
+        /// The ledger written by `harness load --ledger`; repeat it to check
+        /// several runs into the same class together.
+        #[arg(long, required = true)]
+        ledger: Vec<PathBuf>,
         /// Postgres database the persister writes.
         #[arg(long, env = "CELLMON_DATABASE_URL")]
         postgres_url: String,
@@ -204,7 +205,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait,
             json,
         } => {
-            let ledger = Ledger::read(&ledger)?;
+            let mut combined = Ledger::new();
+            for path in &ledger {
+                combined.merge(Ledger::read(path)?);
+            }
+            let ledger = combined;
             let pool = sqlx::PgPool::connect(&postgres_url).await?;
             let influx = InfluxClient::new(&influx_url)?;
             let deadline = std::time::Instant::now() + Duration::from_secs(wait);

@@ -69,6 +69,13 @@ impl Ledger {
             .or_insert(outcome);
     }
 
+    /// Adds every entry of `other`.
+    pub fn merge(&mut self, other: Ledger) {
+        for (id, outcome) in other.outcomes {
+            self.record(id, outcome);
+        }
+    }
+
     pub fn ids(&self, outcome: Outcome) -> HashSet<Uuid> {
         self.outcomes
             .iter()

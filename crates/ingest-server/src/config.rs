@@ -122,7 +122,7 @@ impl Default for PersisterSettings {
             influx_database: "cellmon".into(),
             influx_token: None,
             influx_timeout_ms: 10_000,
-            batch_max: 500,
+            batch_max: 2_000,
             batch_wait_ms: 50,
             claim_idle_ms: 30_000,
             claim_interval_ms: 5_000,
