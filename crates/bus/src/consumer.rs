@@ -350,6 +350,27 @@ impl Consumer {
         Ok(())
     }
 
+    /// Resets the idle time of entries this consumer holds (`XCLAIM` with
+    /// `JUSTID`, which does not count as a delivery), so that while it
+    /// retries a failing sink nobody takes them over.
+    pub async fn touch(&self, entries: &[Entry]) -> Result<(), BusError> {
+        let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+        for entry in entries {
+            by_stream.entry(&entry.stream).or_default().push(&entry.id);
+        }
+        for (stream, ids) in by_stream {
+            let mut cmd = redis::cmd("XCLAIM");
+            cmd.arg(stream)
+                .arg(&self.config.group)
+                .arg(&self.config.consumer)
+                .arg(0)
+                .arg(&ids)
+                .arg("JUSTID");
+            self.query::<Value>(&cmd, Duration::ZERO).await?;
+        }
+        Ok(())
+    }
+
     /// Moves an entry to the group's dead-letter stream, with the reason,
     /// and acknowledges it, atomically.
     pub async fn dead_letter(&self, entry: &Entry, reason: &str) -> Result<(), BusError> {

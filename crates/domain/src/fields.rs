@@ -105,7 +105,10 @@ impl Email {
             && !domain.contains('@')
             && !domain.starts_with('.')
             && !domain.ends_with('.')
-            && !text.chars().any(char::is_whitespace);
+            && !text.chars().any(char::is_whitespace)
+            // `:` needs quoting in an address, and `user:<id>` names the
+            // students identified by an LMS user id instead.
+            && !text.contains(':');
         if !valid {
             return Err(FieldError::NotAnEmail);
         }
@@ -191,6 +194,8 @@ mod tests {
             "a b@c.d",
             "a@.jp",
             "a@jp.",
+            // Would read as the LMS user id `x@y.z`.
+            "user:x@y.z",
         ] {
             assert!(Email::parse(raw).is_err(), "{raw:?} should be refused");
         }

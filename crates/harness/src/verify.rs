@@ -10,7 +10,8 @@
 //!   must be empty;
 //! * refused events that were stored anyway are reported too.
 //!
-//! Plus the agreement of the two sinks: events per (student, event type).
+//! Plus the agreement of the two sinks: events per (student, event type),
+//! and every cell execution row with exactly one `cell_execution` point.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -180,6 +181,58 @@ impl SinkCheck {
     }
 }
 
+/// Cell executions: Postgres rows against InfluxDB `cell_execution` points.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionCheck {
+    pub rows: usize,
+    pub points: usize,
+    /// In Postgres, no point in InfluxDB.
+    pub missing: Vec<Uuid>,
+    /// More than one point.
+    pub duplicates: Vec<Uuid>,
+    /// A point without a Postgres row.
+    pub extra: Vec<Uuid>,
+}
+
+impl ExecutionCheck {
+    pub fn compute(rows: &[Uuid], points: &[Uuid]) -> Self {
+        let rows_set: HashSet<Uuid> = rows.iter().copied().collect();
+        let mut counts: HashMap<Uuid, usize> = HashMap::new();
+        for id in points {
+            *counts.entry(*id).or_default() += 1;
+        }
+        let mut missing: Vec<Uuid> = rows_set
+            .iter()
+            .filter(|id| !counts.contains_key(id))
+            .copied()
+            .collect();
+        let mut duplicates: Vec<Uuid> = counts
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut extra: Vec<Uuid> = counts
+            .keys()
+            .filter(|id| !rows_set.contains(id))
+            .copied()
+            .collect();
+        missing.sort();
+        duplicates.sort();
+        extra.sort();
+        Self {
+            rows: rows_set.len(),
+            points: counts.len(),
+            missing,
+            duplicates,
+            extra,
+        }
+    }
+
+    pub fn passes(&self) -> bool {
+        self.missing.is_empty() && self.duplicates.is_empty() && self.extra.is_empty()
+    }
+}
+
 /// The whole verdict.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
@@ -192,11 +245,15 @@ pub struct Verdict {
     pub disagreements: BTreeMap<String, (u64, u64)>,
     /// How many (student, event type) groups were compared.
     pub groups: usize,
+    pub executions: ExecutionCheck,
 }
 
 impl Verdict {
     pub fn passes(&self) -> bool {
-        self.postgres.passes() && self.influx.passes() && self.disagreements.is_empty()
+        self.postgres.passes()
+            && self.influx.passes()
+            && self.disagreements.is_empty()
+            && self.executions.passes()
     }
 
     /// Agreement of the sinks, in percent of groups.
@@ -224,7 +281,7 @@ impl Verdict {
             )
         };
         format!(
-            "ledger: ok {} refused {} unknown {}\n{}\n{}\nagreement pg/influx per student and event type: {:.2}% of {} groups ({} differ)\nverdict: {}",
+            "ledger: ok {} refused {} unknown {}\n{}\n{}\nagreement pg/influx per student and event type: {:.2}% of {} groups ({} differ)\ncell executions: {} rows, {} points, missing {} duplicates {} extra {}\nverdict: {}",
             self.acknowledged,
             self.refused,
             self.unknown,
@@ -233,6 +290,11 @@ impl Verdict {
             self.agreement_percent(),
             self.groups,
             self.disagreements.len(),
+            self.executions.rows,
+            self.executions.points,
+            self.executions.missing.len(),
+            self.executions.duplicates.len(),
+            self.executions.extra.len(),
             if self.passes() { "PASS" } else { "FAIL" }
         )
     }
@@ -243,6 +305,8 @@ impl Verdict {
 pub struct SinkContents {
     pub ids: Vec<Uuid>,
     pub groups: BTreeMap<String, u64>,
+    /// Ids of cell executions (rows, or `cell_execution` points).
+    pub executions: Vec<Uuid>,
 }
 
 fn group_key(student: &str, event_type: &str) -> String {
@@ -259,7 +323,16 @@ pub async fn postgres_contents(pool: &PgPool, class: Option<Uuid>) -> anyhow::Re
     .bind(class)
     .fetch_all(pool)
     .await?;
-    let mut contents = SinkContents::default();
+    let mut contents = SinkContents {
+        executions: sqlx::query_scalar(
+            "SELECT x.event_id FROM cell_executions x JOIN events e ON e.event_id = x.event_id
+             WHERE $1::uuid IS NULL OR e.class_id = $1",
+        )
+        .bind(class)
+        .fetch_all(pool)
+        .await?,
+        ..SinkContents::default()
+    };
     for row in rows {
         contents.ids.push(row.try_get("event_id")?);
         let student: String = row.try_get("student_key")?;
@@ -288,6 +361,25 @@ pub async fn influx_contents(
         )
         .await?;
     let mut contents = SinkContents::default();
+    let executions = influx
+        .query(
+            Some(database),
+            &format!("SELECT \"event_id\" FROM \"cell_execution\"{filter}"),
+        )
+        .await?;
+    for s in executions["results"][0]["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for value in s["values"].as_array().into_iter().flatten() {
+            let id = value[1].as_str().unwrap_or_default();
+            contents.executions.push(
+                id.parse()
+                    .with_context(|| format!("event_id {id:?} in InfluxDB is not a UUID"))?,
+            );
+        }
+    }
     let Some(series) = body["results"][0]["series"].as_array() else {
         return Ok(contents);
     };
@@ -335,6 +427,7 @@ pub fn verdict(ledger: &Ledger, pg: &SinkContents, influx: &SinkContents) -> Ver
         influx: SinkCheck::compute(ledger, &influx.ids),
         disagreements,
         groups: keys.len(),
+        executions: ExecutionCheck::compute(&pg.executions, &influx.executions),
     }
 }
 
@@ -397,6 +490,16 @@ mod tests {
         assert_eq!(v.disagreements.len(), 2);
         assert!((v.agreement_percent() - 100.0 / 3.0).abs() < 1e-9);
         assert!(!v.passes());
+    }
+
+    #[test]
+    fn executions_are_matched_one_to_one() {
+        let check = ExecutionCheck::compute(&[id(1), id(2), id(3)], &[id(1), id(1), id(3), id(4)]);
+        assert_eq!(check.missing, vec![id(2)]);
+        assert_eq!(check.duplicates, vec![id(1)]);
+        assert_eq!(check.extra, vec![id(4)]);
+        assert!(!check.passes());
+        assert!(ExecutionCheck::compute(&[id(1)], &[id(1)]).passes());
     }
 
     #[test]

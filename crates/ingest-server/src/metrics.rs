@@ -37,6 +37,7 @@ pub struct PersistMetrics {
     pub reclaimed: IntCounterVec,
     pub backlog: IntGaugeVec,
     pub running: IntGaugeVec,
+    pub status_failures: IntCounter,
     pub trimmed: IntCounter,
     pub live_messages: IntCounterVec,
 }
@@ -101,6 +102,10 @@ impl PersistMetrics {
             ),
             &["sink"],
         )?;
+        let status_failures = IntCounter::new(
+            "cellmon_persist_status_failures_total",
+            "Committed batches whose derived status could not be updated (recomputed with the next event)",
+        )?;
         let trimmed = IntCounter::new(
             "cellmon_stream_trimmed_entries_total",
             "Stream entries trimmed after every group acknowledged them",
@@ -120,6 +125,7 @@ impl PersistMetrics {
         registry.register(Box::new(reclaimed.clone()))?;
         registry.register(Box::new(backlog.clone()))?;
         registry.register(Box::new(running.clone()))?;
+        registry.register(Box::new(status_failures.clone()))?;
         registry.register(Box::new(trimmed.clone()))?;
         registry.register(Box::new(live_messages.clone()))?;
         Ok(Self {
@@ -131,6 +137,7 @@ impl PersistMetrics {
             reclaimed,
             backlog,
             running,
+            status_failures,
             trimmed,
             live_messages,
         })

@@ -74,6 +74,8 @@ enum Sink {
         control: ConnectionManager,
         keys: StreamKeys,
         metrics: PersistMetrics,
+        /// Longest one batch (or its status step) may take.
+        limit: Duration,
     },
     Influx(InfluxWriter),
 }
@@ -93,9 +95,37 @@ impl Sink {
                 control,
                 keys,
                 metrics,
+                limit,
             } => {
-                let outcome = pg::write_batch(pool, batch).await?;
-                publish_status(pool, control, keys, metrics, &outcome.students).await?;
+                // statement_timeout is the server's; this bounds a
+                // connection that stopped answering altogether.
+                let outcome = tokio::time::timeout(*limit, pg::write_batch(pool, batch))
+                    .await
+                    .map_err(|_| SinkError::Transient(format!("no answer within {limit:?}")))??;
+                let status = tokio::time::timeout(
+                    *limit,
+                    publish_status(pool, control, keys, metrics, &outcome.students),
+                )
+                .await;
+                match status {
+                    Ok(Ok(())) => {}
+                    // The events are committed; a retry of the batch writes
+                    // nothing again and only redoes this step.
+                    Ok(Err(SinkError::Transient(reason))) => {
+                        return Err(SinkError::Transient(reason));
+                    }
+                    Err(_) => {
+                        return Err(SinkError::Transient(format!(
+                            "status not updated within {limit:?}"
+                        )));
+                    }
+                    // Never a reason to set committed events aside: the
+                    // status is recomputed with the student's next event.
+                    Ok(Err(SinkError::Permanent(reason))) => {
+                        metrics.status_failures.inc();
+                        tracing::error!(%reason, "derived status not updated for a committed batch");
+                    }
+                }
                 Ok((outcome.inserted, outcome.duplicates))
             }
             Self::Influx(writer) => match writer.write(encode_batch(batch)).await {
@@ -201,6 +231,8 @@ pub async fn run(
         control: control.clone(),
         keys: keys.clone(),
         metrics: metrics.clone(),
+        // A batch is about ten statements, each under statement_timeout.
+        limit: timeout * 10,
     };
     let tasks = [
         tokio::spawn(run_sink(
@@ -348,12 +380,23 @@ async fn run_sink(
             next_claim = Instant::now() + claim_interval;
             match consumer.claim_stale().await {
                 Ok(claimed) => {
-                    for entry in &claimed.exhausted {
-                        let reason = format!(
-                            "delivered {} times without being acknowledged",
-                            entry.deliveries.unwrap_or_default()
-                        );
-                        worker.dead_letter(entry, &reason, &mut shutdown).await;
+                    // Delivered often: maybe an entry that kills its
+                    // consumer, maybe only consumers that died during an
+                    // outage. Each is tried alone, like any entry (refused:
+                    // dead letter; outage: retried); only one that keeps
+                    // coming back far past the limit is set aside untried.
+                    for entry in claimed.exhausted {
+                        let deliveries = entry.deliveries.unwrap_or_default();
+                        if deliveries >= config.max_deliveries.saturating_mul(3) {
+                            let reason = format!(
+                                "delivered {deliveries} times; its consumers never acknowledged it"
+                            );
+                            worker.dead_letter(&entry, &reason, &mut shutdown).await;
+                        } else {
+                            tracing::warn!(sink = name, entry = %entry.id, deliveries, "entry delivered often; writing it alone");
+                            metrics.reclaimed.with_label_values(&[name]).inc();
+                            worker.process(&mut sink, vec![entry], &mut shutdown).await;
+                        }
                     }
                     let n = claimed.entries.len() as u64;
                     if n > 0 {
@@ -434,7 +477,10 @@ impl Worker<'_> {
                 .iter()
                 .filter_map(|e| e.event.as_ref().ok().cloned())
                 .collect();
-            match self.write_with_retries(sink, &events, shutdown).await {
+            match self
+                .write_with_retries(sink, slice, &events, shutdown)
+                .await
+            {
                 Some(Ok(())) => self.ack(slice, shutdown).await,
                 Some(Err(reason)) if slice.len() == 1 => {
                     tracing::error!(sink = self.name, entry = %slice[0].id, %reason, "entry refused by the sink; dead-lettered");
@@ -453,14 +499,27 @@ impl Worker<'_> {
 
     /// `Some(Ok)` once written, `Some(Err)` when the sink refuses the data,
     /// `None` when shutdown came first.
+    ///
+    /// While it retries, it keeps the entries its own (their idle time is
+    /// reset), so other persisters do not take them over and pile up
+    /// deliveries while the sink is down: only a dead consumer's entries
+    /// are reclaimed.
     async fn write_with_retries(
         &mut self,
         sink: &mut Sink,
+        entries: &[Entry],
         events: &[StreamEvent],
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<Result<(), String>> {
         let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
+        let mut touched = Instant::now();
         loop {
+            if touched.elapsed() >= self.consumer.config().claim_idle / 3 {
+                touched = Instant::now();
+                if let Err(error) = self.consumer.touch(entries).await {
+                    tracing::debug!(sink = self.name, %error, "could not refresh held entries");
+                }
+            }
             let started = Instant::now();
             match sink.write(events).await {
                 Ok((stored, duplicates)) => {

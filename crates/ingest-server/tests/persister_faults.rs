@@ -110,6 +110,17 @@ async fn redis_amnesia_recreates_the_groups() -> anyhow::Result<()> {
             .await?;
         assert_eq!(groups.len(), 2, "{key}: both groups recreated");
     }
+    // No crash loop: both sinks still consume, and the server is ready.
+    let text = ingest.metrics().await?;
+    for sink in ["pg", "influx"] {
+        let running = metric(
+            &text,
+            &format!("cellmon_persist_sink_running{{sink=\"{sink}\"}}"),
+        );
+        assert_eq!(running, Some(1.0), "{sink}: {text}");
+    }
+    let ready = reqwest::get(format!("{}/health/ready", ingest.url)).await?;
+    assert_eq!(ready.status(), 200);
     Ok(())
 }
 

@@ -14,36 +14,31 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether trying again later may succeed: the database was unreachable,
-    /// slow, restarting, or chose this transaction as a deadlock victim.
-    /// Anything else (bad data, a constraint the batch breaks) fails the
-    /// same way every time, so retrying it would loop forever.
+    /// Whether trying again later may succeed. Only errors about the data
+    /// itself are final: SQLSTATE class 22 (data exception) and 23
+    /// (integrity constraint violation), and corrupt stored data. Everything
+    /// else (unreachable, timeouts, shutdown, deadlocks, but also a wrong
+    /// password, a missing database or table, a revoked privilege, a
+    /// read-only server after failover) is about the environment: the batch
+    /// is kept and retried, never set aside, because setting it aside would
+    /// lose events that are fine.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Postgres(error) => pg_transient(error),
-            Self::Migrate(_) | Self::Corrupt(_) => false,
+            Self::Postgres(error) => !pg_refuses_data(error),
+            Self::Migrate(_) => true,
+            Self::Corrupt(_) => false,
             Self::Influx(error) => error.is_transient(),
         }
     }
 }
 
-fn pg_transient(error: &sqlx::Error) -> bool {
+fn pg_refuses_data(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // SQLSTATE classes: 08 connection exception, 40 transaction
-            // rollback (serialization failure, deadlock), 53 insufficient
-            // resources, 57 operator intervention (shutdown, statement
-            // timeout), 58 system error.
-            ["08", "40", "53", "57", "58"]
-                .iter()
-                .any(|class| code.starts_with(class))
-        }),
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("22") || code.starts_with("23")),
+        // Values sqlx could not encode or decode.
+        sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => true,
         _ => false,
     }
 }

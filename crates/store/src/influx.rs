@@ -52,10 +52,13 @@ fn event_time_ms(item: &StreamEvent) -> i128 {
 }
 
 /// Escapes a measurement, tag key or tag value: commas, equals signs and
-/// spaces get a backslash. Validated fields hold no line breaks; a trailing
-/// backslash would escape the separator after it, so it is doubled.
+/// spaces get a backslash. Validated fields hold no line breaks. A trailing
+/// backslash cannot be written at all (InfluxDB 1.x reads it as escaping
+/// the separator after it, doubled or not), so it becomes U+FF3C, the
+/// full-width reverse solidus.
 fn tag(out: &mut String, value: &str) {
-    for c in value.chars() {
+    let trimmed = value.trim_end_matches('\\');
+    for c in trimmed.chars() {
         match c {
             ',' | '=' | ' ' => {
                 out.push('\\');
@@ -65,8 +68,8 @@ fn tag(out: &mut String, value: &str) {
             _ => out.push(c),
         }
     }
-    if value.ends_with('\\') {
-        out.push('\\');
+    for _ in trimmed.len()..value.len() {
+        out.push('\u{FF3C}');
     }
 }
 
@@ -169,7 +172,8 @@ pub struct InfluxConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum InfluxError {
     /// InfluxDB refused the points themselves (400: bad line protocol, field
-    /// type conflict, ...): writing them again fails the same way.
+    /// type conflict; 413: too large; 422: outside retention): writing them
+    /// again unchanged fails the same way.
     #[error("points rejected ({status}): {body}")]
     Rejected { status: u16, body: String },
     /// InfluxDB answered with another error (5xx, 404 no database, auth).
@@ -259,7 +263,13 @@ async fn check(response: reqwest::Response) -> Result<(), InfluxError> {
     }
     let mut body = response.text().await.unwrap_or_default();
     body.truncate(1_000);
-    if status == StatusCode::BAD_REQUEST {
+    // 400: bad line protocol, field type conflict; 413: body too large
+    // (halving the batch helps); 422: points outside the retention policy
+    // (2.x/3.x). All fail the same way if sent again unchanged.
+    if matches!(
+        status,
+        StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNPROCESSABLE_ENTITY
+    ) {
         Err(InfluxError::Rejected {
             status: status.as_u16(),
             body,

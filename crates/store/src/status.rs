@@ -16,10 +16,11 @@
 //! * the instructor's dismissals and resolutions;
 //! * the execution counters kept by the writer.
 //!
-//! Concurrent persisters serialise per student: the load locks the
-//! students' rows (in id order), and the caller publishes the changes before
-//! committing, so the last status published for a student is computed from
-//! every event committed before it.
+//! Concurrent persisters serialise per student: a first statement locks the
+//! students' rows (in id order), a second one loads (so it sees everything
+//! committed before the lock was granted), and the caller publishes the
+//! changes before committing, so the last status published for a student is
+//! computed from every event committed before it.
 
 use cellmon_domain::event::StudentKey;
 use cellmon_domain::fields::{ClientId, DisplayName, Email, NotebookPath};
@@ -150,8 +151,7 @@ JOIN classes c ON c.id = s.class_id
 LEFT JOIN teams t ON t.id = s.team_id
 LEFT JOIN student_status st ON st.student_id = s.id
 WHERE s.id = ANY($1)
-ORDER BY s.id
-FOR UPDATE OF s";
+ORDER BY s.id";
 
 fn key(time: OffsetDateTime, id: Uuid) -> OrderKey {
     OrderKey {
@@ -184,7 +184,8 @@ fn display(raw: Option<String>) -> Option<DisplayName> {
     raw.and_then(|n| DisplayName::parse(&n).ok())
 }
 
-/// Locks and loads the students, and derives their status at `now`.
+/// Locks and loads the students (two statements; the load is one query for
+/// all of them), and derives their status at `now`.
 pub async fn recompute(
     pool: &PgPool,
     students: &[StudentId],
@@ -192,6 +193,13 @@ pub async fn recompute(
 ) -> Result<Recomputed, StoreError> {
     let ids: Vec<Uuid> = students.iter().map(|s| s.0).collect();
     let mut tx = pool.begin().await?;
+    // Lock first, load second: under READ COMMITTED a statement sees the
+    // data of when it started, so a load that had to wait for a lock would
+    // miss what the lock holder committed meanwhile.
+    sqlx::query("SELECT id FROM students WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
     let rows = sqlx::query(LOAD)
         .bind(&ids)
         .bind(MAX_TRAILING_RUNS)

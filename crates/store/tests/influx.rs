@@ -70,6 +70,19 @@ async fn same_second_events_stay_distinct_and_rewrites_are_idempotent() -> anyho
         teams["results"][0]["series"][0]["values"][0][1],
         "チーム A,=1"
     );
+    // A tag value ending in a backslash cannot be written as is; it is kept
+    // readable instead of refused.
+    writer
+        .write(encode_batch(&[event(20_001, "team\\")]))
+        .await?;
+    let teams = influx
+        .query(
+            Some(db),
+            "SHOW TAG VALUES FROM \"event\" WITH KEY = \"team\"",
+        )
+        .await?;
+    let values = teams["results"][0]["series"][0]["values"].to_string();
+    assert!(values.contains("team\u{FF3C}"), "{values}");
     Ok(())
 }
 
