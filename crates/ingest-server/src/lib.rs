@@ -202,15 +202,32 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new()?;
     let (stop_persister, stopped) = tokio::sync::watch::channel(false);
+    // A persister that fails stops the whole process (its supervisor
+    // restarts it) rather than leave it serving while persisting nothing.
+    let (failed, persister_failed) = tokio::sync::oneshot::channel::<()>();
     let persister = config.role.persists().then(|| {
-        tokio::spawn(persist::run(
+        let run = persist::run(
             config.persister.clone(),
             config.redis_url.expose_secret().to_owned(),
             StreamKeys::new(config.stream_prefix.clone(), config.stream_shards),
             metrics.persist.clone(),
             stopped,
-        ))
+        );
+        tokio::spawn(async move {
+            let result = run.await;
+            if let Err(error) = &result {
+                tracing::error!(%error, "persister failed; shutting down");
+                let _ = failed.send(());
+            }
+            result
+        })
     });
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            Ok(()) = persister_failed => {}
+        }
+    };
     let grace = Duration::from_millis(config.spool.drain_on_shutdown_ms);
     let result = if config.role.ingests() {
         serve_events(config, metrics, listener, shutdown).await
@@ -221,8 +238,8 @@ pub async fn serve(
     if let Some(persister) = persister {
         match tokio::time::timeout(grace, persister).await {
             Ok(Ok(Ok(()))) => tracing::info!("persister stopped"),
-            Ok(Ok(Err(error))) => tracing::error!(%error, "persister failed"),
-            Ok(Err(error)) => tracing::error!(%error, "persister task failed"),
+            Ok(Ok(Err(error))) => return Err(error.context("persister failed")),
+            Ok(Err(error)) => return Err(anyhow::anyhow!("persister task failed: {error}")),
             // Whatever it had not acknowledged stays pending in Redis and is
             // reclaimed by the next persister.
             Err(_) => tracing::warn!("persister did not stop within the grace period"),

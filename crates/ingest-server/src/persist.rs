@@ -234,31 +234,39 @@ pub async fn run(
         // A batch is about ten statements, each under statement_timeout.
         limit: timeout * 10,
     };
-    let tasks = [
-        tokio::spawn(run_sink(
-            pg_sink,
-            Prepare::Migrate(pool.clone(), settings.migrate),
-            settings.clone(),
-            redis_url.clone(),
-            keys.clone(),
-            consumer_name.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(run_sink(
-            Sink::Influx(influx.clone()),
-            Prepare::CreateDatabase(Box::new(influx)),
-            settings.clone(),
-            redis_url.clone(),
-            keys.clone(),
-            consumer_name,
-            metrics.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(maintain(control, keys, settings, metrics, shutdown)),
-    ];
-    for task in tasks {
-        task.await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(run_sink(
+        pg_sink,
+        Prepare::Migrate(pool.clone(), settings.migrate),
+        settings.clone(),
+        redis_url.clone(),
+        keys.clone(),
+        consumer_name.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(run_sink(
+        Sink::Influx(influx.clone()),
+        Prepare::CreateDatabase(Box::new(influx)),
+        settings.clone(),
+        redis_url.clone(),
+        keys.clone(),
+        consumer_name,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(maintain(control, keys, settings, metrics, shutdown.clone()));
+    while let Some(ended) = tasks.join_next().await {
+        // Tasks end only when asked to; anything else (a panic) must not
+        // leave a persister that looks alive and persists nothing.
+        if !*shutdown.borrow() {
+            let why = match ended {
+                Ok(()) => "returned".to_owned(),
+                Err(error) => error.to_string(),
+            };
+            anyhow::bail!("a persister task stopped unexpectedly: {why}");
+        }
+        ended?;
     }
     pool.close().await;
     Ok(())

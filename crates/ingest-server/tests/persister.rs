@@ -718,3 +718,25 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
     assert!(by_second > 0, "both persisters took part");
     Ok(())
 }
+
+/// A persister that cannot run (here: a malformed database URL) stops the
+/// process with a message instead of serving health checks while
+/// persisting nothing.
+#[tokio::test]
+async fn a_persister_that_cannot_run_stops_the_process() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
+        .env("CELLMON_INGEST_ROLE", "persister")
+        .env("CELLMON_INGEST_LISTEN", "127.0.0.1:0")
+        .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
+        .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
+        .env("CELLMON_INGEST_PERSISTER__POSTGRES_URL", "not a url")
+        .env("RUST_LOG", "error")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output).await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("persister"), "{stderr}");
+    Ok(())
+}
