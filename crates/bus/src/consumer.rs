@@ -102,6 +102,9 @@ pub struct Consumer {
     conn: ConnectionManager,
     config: ConsumerConfig,
     streams: Vec<String>,
+    /// Where the next `XAUTOCLAIM` scan of each stream continues, so that
+    /// a long pending list is walked through rather than only its head.
+    claim_cursors: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -140,6 +143,7 @@ impl Consumer {
             conn,
             config,
             streams,
+            claim_cursors: std::sync::Mutex::new(HashMap::new()),
         };
         consumer.ensure_groups().await?;
         Ok(consumer)
@@ -271,16 +275,26 @@ impl Consumer {
             if room == 0 {
                 break;
             }
+            let cursor = self
+                .claim_cursors
+                .lock()
+                .ok()
+                .and_then(|c| c.get(stream).cloned())
+                .unwrap_or_else(|| "0-0".to_owned());
             let mut cmd = redis::cmd("XAUTOCLAIM");
             cmd.arg(stream)
                 .arg(&self.config.group)
                 .arg(&self.config.consumer)
                 .arg(idle)
-                .arg("0-0")
+                .arg(&cursor)
                 .arg("COUNT")
                 .arg(room);
             let reply: StreamAutoClaimReply =
                 self.with_group(|| self.query(&cmd, Duration::ZERO)).await?;
+            // "0-0" when the scan reached the end: the next one starts over.
+            if let Ok(mut cursors) = self.claim_cursors.lock() {
+                cursors.insert(stream.clone(), reply.next_stream_id.clone());
+            }
             if reply.claimed.is_empty() {
                 continue;
             }
