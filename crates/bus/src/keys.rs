@@ -34,6 +34,12 @@ impl StreamKeys {
         format!("{}marker", self.prefix)
     }
 
+    /// The receive time first recorded for an event that has no client
+    /// time (see [`Producer::publish`](crate::Producer::publish)).
+    pub fn first_seen(&self, event: &cellmon_domain::EventId) -> String {
+        format!("{}first-seen:{event}", self.prefix)
+    }
+
     /// A consumer group's dead-letter stream.
     pub fn dead_letters(&self, group: &str) -> String {
         format!("{}dead:{group}", self.prefix)

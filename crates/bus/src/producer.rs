@@ -53,6 +53,10 @@ struct Slot {
     last_failure: Option<Instant>,
 }
 
+/// How long the first receive time of an event without a client time is
+/// remembered; retries of it within this window are one event.
+pub const FIRST_SEEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// After a failed connection attempt, calls fail at once for this long.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -183,11 +187,56 @@ impl Producer {
     /// Appends every event, in order within each shard, and returns the
     /// entry ids once Redis acknowledged all of them, all within one
     /// deadline.
+    ///
+    /// An event without a client time is ordered and stored by its receive
+    /// time, which would differ between a client's retries of it. So the
+    /// first receive time of each such event id is kept in Redis for
+    /// [`FIRST_SEEN_TTL`] (`SET NX GET`) and every later copy carries that
+    /// one: all copies are then the same event to every sink (InfluxDB in
+    /// particular, where the time is part of a point's identity).
     pub async fn publish(&self, events: &[StreamEvent]) -> Result<Vec<String>, PublishError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        let deadline = self.deadline();
         let keys = &self.config.keys;
+        let timeless: Vec<usize> = (0..events.len())
+            .filter(|&i| events[i].event.client_time.is_none())
+            .collect();
+        let mut adjusted = std::borrow::Cow::Borrowed(events);
+        if !timeless.is_empty() {
+            let mut pipe = redis::pipe();
+            for &i in &timeless {
+                let event = &events[i].event;
+                let received = event
+                    .received_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                pipe.cmd("SET")
+                    .arg(keys.first_seen(&event.id))
+                    .arg(received)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("EX")
+                    .arg(FIRST_SEEN_TTL.as_secs());
+            }
+            let mut conn = self.connection(deadline).await?;
+            let earlier: Vec<Option<String>> =
+                tokio::time::timeout_at(deadline, pipe.query_async(&mut conn))
+                    .await
+                    .map_err(|_| self.timed_out())?
+                    .map_err(|e| self.classify(e))?;
+            for (&i, first) in timeless.iter().zip(earlier) {
+                let first = first.and_then(|t| {
+                    time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                });
+                if let Some(first) = first {
+                    adjusted.to_mut()[i].event.received_at = first;
+                }
+            }
+        }
+        let events: &[StreamEvent] = &adjusted;
         let mut pipe = redis::pipe();
         for event in events {
             let shard = keys.shard_for(event.class_id, &event.event.student.key);
@@ -196,7 +245,6 @@ impl Producer {
                 cmd.arg(name).arg(value);
             }
         }
-        let deadline = self.deadline();
         let mut conn = self.connection(deadline).await?;
         tokio::time::timeout_at(deadline, pipe.query_async::<Vec<String>>(&mut conn))
             .await

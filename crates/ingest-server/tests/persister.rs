@@ -740,3 +740,26 @@ async fn a_persister_that_cannot_run_stops_the_process() -> anyhow::Result<()> {
     assert!(stderr.contains("persister"), "{stderr}");
     Ok(())
 }
+
+/// A client's retry of an event that has no `eventTime`, a second or more
+/// later, is the same event in both sinks: one row and one point (its time,
+/// the first receive time, is part of the InfluxDB point's identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_without_event_time_are_one_event() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let mut event = classroom_event(1, 4);
+    event.as_object_mut().map(|o| o.remove("eventTime"));
+    let mut ledger = Ledger::new();
+    send_all(&ingest.events_url(), &[event.clone()], 1, 1, &mut ledger).await?;
+    // The retry must land in another second of the receive clock.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    send_all(&ingest.events_url(), &[event], 1, 1, &mut ledger).await?;
+    let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(20)).await?;
+    assert_pass(&verdict);
+    assert_eq!((verdict.postgres.stored, verdict.influx.stored), (1, 1));
+    // Both copies went through the stream (no in-request deduplication).
+    let text = ingest.metrics().await?;
+    assert_eq!(metric(&text, "cellmon_events_accepted_total"), Some(2.0));
+    Ok(())
+}

@@ -350,8 +350,44 @@ pub(crate) async fn send_all(
 }
 
 /// Waits until both sinks hold every acknowledged event of the class and
-/// the ledger check passes; returns the verdict (the last one on timeout).
+/// the ledger check passes, then until both consumer groups acknowledged
+/// everything in the streams (late copies could still add duplicates), and
+/// checks once more; returns that verdict (the last one on timeout).
 pub(crate) async fn verified(
+    backends: &TestBackends,
+    class: ClassId,
+    ledger: &cellmon_harness::verify::Ledger,
+    timeout: Duration,
+) -> anyhow::Result<cellmon_harness::verify::Verdict> {
+    let deadline = std::time::Instant::now() + timeout;
+    let first = verified_once(backends, class, ledger, timeout).await?;
+    if !first.passes() {
+        return Ok(first);
+    }
+    let keys = StreamKeys::new(backends.redis_prefix(), 4);
+    let redis = redis::Client::open(backends.redis_url())?;
+    let mut conn = redis::aio::ConnectionManager::new(redis).await?;
+    loop {
+        let mut left = 0;
+        for group in ["pg", "influx"] {
+            left += cellmon_bus::consumer::backlog(&mut conn, &keys, group).await?;
+        }
+        if left == 0 || std::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+    verified_once(
+        backends,
+        class,
+        ledger,
+        remaining.max(Duration::from_secs(1)),
+    )
+    .await
+}
+
+async fn verified_once(
     backends: &TestBackends,
     class: ClassId,
     ledger: &cellmon_harness::verify::Ledger,
