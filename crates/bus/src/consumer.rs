@@ -422,38 +422,44 @@ impl Consumer {
     }
 }
 
-/// Entries of `group` not yet delivered or not yet acknowledged, over all
-/// shards (the group's `lag`, as Redis 7 counts it, plus its pending
-/// entries).
-pub async fn backlog(
+/// Per consumer group: entries not yet delivered or not yet acknowledged,
+/// over all shards (the group's `lag`, as Redis 7 counts it, plus its
+/// pending entries). One `XINFO GROUPS` per shard covers every group.
+pub async fn backlogs(
     conn: &mut ConnectionManager,
     keys: &StreamKeys,
-    group: &str,
-) -> Result<u64, BusError> {
-    let mut total = 0;
+) -> Result<HashMap<String, u64>, BusError> {
+    let mut totals = HashMap::new();
     for stream in keys.all_events() {
-        let groups: Vec<HashMap<String, Value>> = match redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&stream)
-            .query_async(conn)
-            .await
-        {
-            Ok(groups) => groups,
-            Err(e) if e.code() == Some("ERR") => continue, // no such stream yet
-            Err(e) => return Err(e.into()),
-        };
-        for info in groups {
-            if text(&info, "name").as_deref() != Some(group) {
+        for info in group_infos(conn, &stream).await? {
+            let Some(name) = text(&info, "name") else {
                 continue;
-            }
+            };
             let number = |name: &str| match info.get(name) {
                 Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
                 _ => 0,
             };
-            total += number("lag") + number("pending");
+            *totals.entry(name).or_default() += number("lag") + number("pending");
         }
     }
-    Ok(total)
+    Ok(totals)
+}
+
+/// `XINFO GROUPS` of a stream; none while the stream does not exist.
+async fn group_infos(
+    conn: &mut ConnectionManager,
+    stream: &str,
+) -> Result<Vec<HashMap<String, Value>>, BusError> {
+    match redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+    {
+        Ok(groups) => Ok(groups),
+        Err(e) if e.code() == Some("ERR") => Ok(Vec::new()), // no such stream yet
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn text(info: &HashMap<String, Value>, name: &str) -> Option<String> {
@@ -474,16 +480,7 @@ pub const DEAD_LETTER_CAP: u64 = 100_000;
 pub async fn trim(conn: &mut ConnectionManager, keys: &StreamKeys) -> Result<u64, BusError> {
     let mut removed = 0;
     for stream in keys.all_events() {
-        let groups: Vec<HashMap<String, Value>> = match redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&stream)
-            .query_async(conn)
-            .await
-        {
-            Ok(groups) => groups,
-            Err(e) if e.code() == Some("ERR") => continue, // no such stream yet
-            Err(e) => return Err(e.into()),
-        };
+        let groups = group_infos(conn, &stream).await?;
         let present: Vec<String> = groups.iter().filter_map(|g| text(g, "name")).collect();
         if !GROUPS.iter().all(|g| present.iter().any(|p| p == g)) {
             continue;

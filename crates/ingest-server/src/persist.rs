@@ -464,29 +464,33 @@ impl Worker<'_> {
         batch: Vec<Entry>,
         shutdown: &mut watch::Receiver<bool>,
     ) {
+        // The decoded events move out of their entries (which keep what
+        // acknowledging and dead-lettering need), so nothing is copied.
         let mut good = Vec::with_capacity(batch.len());
-        for entry in batch {
-            match &entry.event {
-                Ok(_) => good.push(entry),
+        let mut events = Vec::with_capacity(batch.len());
+        for mut entry in batch {
+            match std::mem::replace(&mut entry.event, Err(String::new())) {
+                Ok(event) => {
+                    events.push(event);
+                    good.push(entry);
+                }
                 Err(reason) => {
                     let reason = format!("undecodable entry: {reason}");
                     self.dead_letter(&entry, &reason, shutdown).await;
                 }
             }
         }
-        // Slices still to write; a refused slice is halved until the
+        // Ranges still to write; a refused range is halved until the
         // refused entry is alone.
-        let mut todo: Vec<&[Entry]> = vec![&good];
-        while let Some(slice) = todo.pop() {
-            if slice.is_empty() {
+        let mut todo = Vec::new();
+        todo.push(0..good.len());
+        while let Some(range) = todo.pop() {
+            if range.is_empty() {
                 continue;
             }
-            let events: Vec<StreamEvent> = slice
-                .iter()
-                .filter_map(|e| e.event.as_ref().ok().cloned())
-                .collect();
+            let slice = &good[range.clone()];
             match self
-                .write_with_retries(sink, slice, &events, shutdown)
+                .write_with_retries(sink, slice, &events[range.clone()], shutdown)
                 .await
             {
                 Some(Ok(())) => self.ack(slice, shutdown).await,
@@ -496,9 +500,9 @@ impl Worker<'_> {
                 }
                 Some(Err(reason)) => {
                     tracing::warn!(sink = self.name, size = slice.len(), %reason, "batch refused; splitting it to find the refused entries");
-                    let (left, right) = slice.split_at(slice.len() / 2);
-                    todo.push(right);
-                    todo.push(left);
+                    let middle = range.start + range.len() / 2;
+                    todo.push(middle..range.end);
+                    todo.push(range.start..middle);
                 }
                 None => return,
             }
@@ -607,14 +611,17 @@ async fn maintain(
     let trim_interval = Duration::from_millis(settings.trim_interval_ms.max(100));
     let mut next_trim = Instant::now() + trim_interval;
     loop {
-        for group in consumer::GROUPS {
-            match consumer::backlog(&mut control, &keys, group).await {
-                Ok(n) => metrics
-                    .backlog
-                    .with_label_values(&[group])
-                    .set(i64::try_from(n).unwrap_or(i64::MAX)),
-                Err(error) => tracing::debug!(%error, group, "backlog unknown"),
+        match consumer::backlogs(&mut control, &keys).await {
+            Ok(backlogs) => {
+                for group in consumer::GROUPS {
+                    let n = backlogs.get(group).copied().unwrap_or(0);
+                    metrics
+                        .backlog
+                        .with_label_values(&[group])
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
             }
+            Err(error) => tracing::debug!(%error, "backlog unknown"),
         }
         if Instant::now() >= next_trim {
             next_trim = Instant::now() + trim_interval;

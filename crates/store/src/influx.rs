@@ -88,50 +88,43 @@ fn string_field(out: &mut String, value: &str) {
 /// Appends the lines (points) of one event to `out`.
 pub fn encode(item: &StreamEvent, out: &mut String) {
     let event = &item.event;
-    let ts = timestamp_ns(item);
-    let class = item.class_id.to_string();
-    let student = event.student.key.to_string();
-
-    let mut common_tags = String::new();
-    common_tags.push_str(",class=");
-    tag(&mut common_tags, &class);
+    // Tags are written sorted by key, as InfluxDB prefers: class <
+    // event_type < notebook < team.
+    let mut class = String::from(",class=");
+    tag(&mut class, &item.class_id.to_string());
+    let mut rest = String::new();
     if let Some(notebook) = &event.notebook {
-        common_tags.push_str(",notebook=");
-        tag(&mut common_tags, notebook.as_str());
+        rest.push_str(",notebook=");
+        tag(&mut rest, notebook.as_str());
     }
     if let Some(team) = &event.student.team {
-        common_tags.push_str(",team=");
-        tag(&mut common_tags, team.as_str());
+        rest.push_str(",team=");
+        tag(&mut rest, team.as_str());
     }
+    // Fields every point starts with, and how every point ends.
+    let mut ident = String::from(" event_id=");
+    string_field(&mut ident, &event.id.to_string());
+    ident.push_str(",student=");
+    string_field(&mut ident, &event.student.key.to_string());
+    let end = format!(
+        ",event_time_ms={}i {}\n",
+        event_time_ms(item),
+        timestamp_ns(item)
+    );
 
-    // Tags must be sorted by key for best performance; class < event_type <
-    // notebook < team, so event_type goes after class.
     out.push_str(EVENT_MEASUREMENT);
-    out.push_str(",class=");
-    tag(out, &class);
+    out.push_str(&class);
     out.push_str(",event_type=");
     tag(out, event.kind.type_name());
-    if let Some(notebook) = &event.notebook {
-        out.push_str(",notebook=");
-        tag(out, notebook.as_str());
-    }
-    if let Some(team) = &event.student.team {
-        out.push_str(",team=");
-        tag(out, team.as_str());
-    }
-    out.push_str(" event_id=");
-    string_field(out, &event.id.to_string());
-    out.push_str(",student=");
-    string_field(out, &student);
-    let _ = writeln!(out, ",event_time_ms={}i {ts}", event_time_ms(item));
+    out.push_str(&rest);
+    out.push_str(&ident);
+    out.push_str(&end);
 
     if let EventKind::CellExecuted(exec) = &event.kind {
         out.push_str(EXECUTION_MEASUREMENT);
-        out.push_str(&common_tags);
-        out.push_str(" event_id=");
-        string_field(out, &event.id.to_string());
-        out.push_str(",student=");
-        string_field(out, &student);
+        out.push_str(&class);
+        out.push_str(&rest);
+        out.push_str(&ident);
         if let Some(cell) = &event.cell {
             out.push_str(",cell=");
             string_field(out, cell.id.as_str());
@@ -143,7 +136,7 @@ pub fn encode(item: &StreamEvent, out: &mut String) {
         if let Some(count) = exec.execution_count {
             let _ = write!(out, ",execution_count={count}i");
         }
-        let _ = writeln!(out, ",event_time_ms={}i {ts}", event_time_ms(item));
+        out.push_str(&end);
     }
 }
 
