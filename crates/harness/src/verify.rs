@@ -123,6 +123,27 @@ impl Ledger {
     }
 }
 
+/// How often each id occurs.
+fn occurrences(ids: &[Uuid]) -> HashMap<Uuid, usize> {
+    let mut counts = HashMap::with_capacity(ids.len());
+    for id in ids {
+        *counts.entry(*id).or_default() += 1;
+    }
+    counts
+}
+
+/// The ids that `keep` accepts, sorted.
+fn sorted<'a>(ids: impl IntoIterator<Item = &'a Uuid>, keep: impl Fn(&Uuid) -> bool) -> Vec<Uuid> {
+    let mut out: Vec<Uuid> = ids.into_iter().filter(|id| keep(id)).copied().collect();
+    out.sort();
+    out
+}
+
+/// The ids that occur more than once, sorted.
+fn repeated(counts: &HashMap<Uuid, usize>) -> Vec<Uuid> {
+    sorted(counts.keys(), |id| counts[id] > 1)
+}
+
 /// The set check of one sink.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SinkCheck {
@@ -138,40 +159,16 @@ pub struct SinkCheck {
 impl SinkCheck {
     /// The set arithmetic, on the ids a sink holds (with repeats).
     pub fn compute(ledger: &Ledger, stored: &[Uuid]) -> Self {
-        let mut counts: HashMap<Uuid, usize> = HashMap::with_capacity(stored.len());
-        for id in stored {
-            *counts.entry(*id).or_default() += 1;
-        }
-        let mut lost: Vec<Uuid> = ledger
-            .ids(Outcome::Ok)
-            .into_iter()
-            .filter(|id| !counts.contains_key(id))
-            .collect();
-        let mut duplicates: Vec<Uuid> = counts
-            .iter()
-            .filter(|(_, n)| **n > 1)
-            .map(|(id, _)| *id)
-            .collect();
-        let mut unexpected: Vec<Uuid> = counts
-            .keys()
-            .filter(|id| !ledger.outcomes.contains_key(id))
-            .copied()
-            .collect();
-        let mut stored_though_refused: Vec<Uuid> = counts
-            .keys()
-            .filter(|id| ledger.outcomes.get(id) == Some(&Outcome::Fail))
-            .copied()
-            .collect();
-        lost.sort();
-        duplicates.sort();
-        unexpected.sort();
-        stored_though_refused.sort();
+        let counts = occurrences(stored);
+        let acknowledged = ledger.ids(Outcome::Ok);
         Self {
             stored: counts.len(),
-            lost,
-            duplicates,
-            unexpected,
-            stored_though_refused,
+            lost: sorted(&acknowledged, |id| !counts.contains_key(id)),
+            duplicates: repeated(&counts),
+            unexpected: sorted(counts.keys(), |id| !ledger.outcomes.contains_key(id)),
+            stored_though_refused: sorted(counts.keys(), |id| {
+                ledger.outcomes.get(id) == Some(&Outcome::Fail)
+            }),
         }
     }
 
@@ -196,35 +193,14 @@ pub struct ExecutionCheck {
 
 impl ExecutionCheck {
     pub fn compute(rows: &[Uuid], points: &[Uuid]) -> Self {
-        let rows_set: HashSet<Uuid> = rows.iter().copied().collect();
-        let mut counts: HashMap<Uuid, usize> = HashMap::new();
-        for id in points {
-            *counts.entry(*id).or_default() += 1;
-        }
-        let mut missing: Vec<Uuid> = rows_set
-            .iter()
-            .filter(|id| !counts.contains_key(id))
-            .copied()
-            .collect();
-        let mut duplicates: Vec<Uuid> = counts
-            .iter()
-            .filter(|(_, n)| **n > 1)
-            .map(|(id, _)| *id)
-            .collect();
-        let mut extra: Vec<Uuid> = counts
-            .keys()
-            .filter(|id| !rows_set.contains(id))
-            .copied()
-            .collect();
-        missing.sort();
-        duplicates.sort();
-        extra.sort();
+        let rows: HashSet<Uuid> = rows.iter().copied().collect();
+        let counts = occurrences(points);
         Self {
-            rows: rows_set.len(),
+            rows: rows.len(),
             points: counts.len(),
-            missing,
-            duplicates,
-            extra,
+            missing: sorted(&rows, |id| !counts.contains_key(id)),
+            duplicates: repeated(&counts),
+            extra: sorted(counts.keys(), |id| !rows.contains(id)),
         }
     }
 

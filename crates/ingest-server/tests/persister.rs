@@ -9,7 +9,10 @@ use std::time::Duration;
 use cellmon_harness::fixture::TestBackends;
 use cellmon_harness::proxy::Fault;
 use cellmon_harness::verify::Ledger;
-use common::{Ingest, classroom_event, metric, persisting, send_all, verified};
+use common::{
+    Ingest, classroom_event, count_in_postgres, event_ids, metric, persisting,
+    postgres_lag_under_load, send_all, verified,
+};
 use serde_json::{Value, json};
 
 fn assert_pass(verdict: &cellmon_harness::verify::Verdict) {
@@ -93,8 +96,8 @@ async fn dup_storm() -> anyhow::Result<()> {
         "the third copy went through the spool: {spooled}"
     );
 
-    // Wait until the spool is replayed and both groups have acknowledged
-    // everything in the streams (the replayed copies included), then check.
+    // Wait until the spool is replayed; `verified` then waits for both
+    // groups to acknowledge everything (the replayed copies included).
     cellmon_harness::eventually(Duration::from_secs(30), || async {
         let text = ingest.metrics().await?;
         let replayed = metric(&text, "cellmon_events_replayed_total").unwrap_or(0.0);
@@ -102,21 +105,10 @@ async fn dup_storm() -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
-    let redis = redis::Client::open(backends.redis_url())?;
-    let mut conn = redis::aio::ConnectionManager::new(redis).await?;
-    cellmon_harness::eventually(Duration::from_secs(30), || {
-        let mut conn = conn.clone();
-        let keys = ingest.keys.clone();
-        async move {
-            for group in ["pg", "influx"] {
-                let left = cellmon_bus::consumer::backlog(&mut conn, &keys, group).await?;
-                anyhow::ensure!(left == 0, "{group}: {left} entries not acknowledged");
-            }
-            Ok(())
-        }
-    })
-    .await?;
-    let _ = redis::cmd("PING").query_async::<String>(&mut conn).await?;
+    let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(60)).await?;
+    assert_pass(&verdict);
+    assert_eq!(verdict.postgres.stored, 600);
+    assert_eq!(verdict.influx.stored, 600);
     // All three copies went in (the in-batch repeats are folded by ingest),
     // and the persister wrote each stream entry: new rows plus repeats.
     let text = ingest.metrics().await?;
@@ -126,10 +118,6 @@ async fn dup_storm() -> anyhow::Result<()> {
     let stored = count(r#"cellmon_persist_events_total{outcome="stored",sink="pg"}"#);
     let repeated = count(r#"cellmon_persist_events_total{outcome="duplicate",sink="pg"}"#);
     assert!(stored <= 600.0 && stored + repeated >= 1_800.0, "{text}");
-    let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(60)).await?;
-    assert_pass(&verdict);
-    assert_eq!(verdict.postgres.stored, 600);
-    assert_eq!(verdict.influx.stored, 600);
     Ok(())
 }
 
@@ -297,30 +285,7 @@ async fn influx_down() -> anyhow::Result<()> {
     backends.stack.influx.proxy().set_fault(Fault::Down);
     let url = ingest.events_url();
     let mut ledger = Ledger::new();
-    let mut worst_lag = Duration::ZERO;
-    for round in 0..16 {
-        let batch: Vec<Value> = (round * 25..round * 25 + 25)
-            .map(|i| classroom_event(i % 20, i))
-            .collect();
-        let ids: Vec<uuid::Uuid> = batch
-            .iter()
-            .filter_map(|e| e["eventId"].as_str()?.parse().ok())
-            .collect();
-        send_all(&url, &batch, 5, 5, &mut ledger).await?;
-        // How long until Postgres holds this round's events.
-        let sent = std::time::Instant::now();
-        cellmon_harness::eventually(Duration::from_secs(10), || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = ANY($1)")
-                .bind(&ids)
-                .fetch_one(&pool)
-                .await?;
-            anyhow::ensure!(n == ids.len() as i64, "{n} of {} in Postgres", ids.len());
-            Ok(())
-        })
-        .await?;
-        worst_lag = worst_lag.max(sent.elapsed());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let worst_lag = postgres_lag_under_load(&url, &pool, 16, 25, 20, &mut ledger).await?;
     eprintln!("INFLUX-DOWN: worst Postgres lag {worst_lag:?}");
     assert!(
         worst_lag < Duration::from_secs(1),
@@ -476,10 +441,7 @@ async fn persister_kill() -> anyhow::Result<()> {
     // acknowledged.
     pg_proxy.set_fault(Fault::Latency(Duration::from_millis(400)));
     let events: Vec<Value> = (100..200).map(|n| classroom_event(n % 10, n)).collect();
-    let ids: Vec<uuid::Uuid> = events
-        .iter()
-        .filter_map(|e| e["eventId"].as_str()?.parse().ok())
-        .collect();
+    let ids = event_ids(&events);
     // Straight to Postgres, not through the slowed proxy.
     let pool = sqlx::PgPool::connect(&format!(
         "postgres://postgres@{}/{}",
@@ -504,10 +466,7 @@ async fn persister_kill() -> anyhow::Result<()> {
     .await?;
     redis_proxy.set_fault(Fault::Hang);
     cellmon_harness::eventually(Duration::from_secs(30), || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = ANY($1)")
-            .bind(&ids)
-            .fetch_one(&pool)
-            .await?;
+        let n = count_in_postgres(&pool, &ids).await?;
         anyhow::ensure!(n > 0, "nothing committed yet");
         Ok(())
     })

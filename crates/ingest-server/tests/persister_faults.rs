@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use cellmon_harness::fixture::TestBackends;
 use cellmon_harness::verify::Ledger;
-use common::{Ingest, classroom_event, metric, persisting, send_all, verified};
+use common::{
+    Ingest, classroom_event, metric, persisting, postgres_lag_under_load, send_all, verified,
+};
 use serde_json::Value;
 
 /// Sends `per_tick` events every 100 ms until `until`, recording outcomes.
@@ -135,29 +137,7 @@ async fn influx_killed() -> anyhow::Result<()> {
     let url = ingest.events_url();
     let mut ledger = Ledger::new();
     backends.stack.influx.kill().await?;
-    let mut worst_lag = Duration::ZERO;
-    for round in 0..12 {
-        let batch: Vec<Value> = (round * 20..round * 20 + 20)
-            .map(|i| classroom_event(i % 10, i))
-            .collect();
-        let ids: Vec<uuid::Uuid> = batch
-            .iter()
-            .filter_map(|e| e["eventId"].as_str()?.parse().ok())
-            .collect();
-        send_all(&url, &batch, 5, 4, &mut ledger).await?;
-        let sent = Instant::now();
-        cellmon_harness::eventually(Duration::from_secs(10), || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = ANY($1)")
-                .bind(&ids)
-                .fetch_one(&pool)
-                .await?;
-            anyhow::ensure!(n == ids.len() as i64, "{n} of {} in Postgres", ids.len());
-            Ok(())
-        })
-        .await?;
-        worst_lag = worst_lag.max(sent.elapsed());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let worst_lag = postgres_lag_under_load(&url, &pool, 12, 20, 10, &mut ledger).await?;
     eprintln!("INFLUX-DOWN (killed): worst Postgres lag {worst_lag:?}");
     assert!(
         worst_lag < Duration::from_secs(1),

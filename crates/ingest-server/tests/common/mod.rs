@@ -324,10 +324,7 @@ pub(crate) async fn send_all(
         futures_util::stream::iter(events.chunks(per_request.max(1)))
             .map(|chunk| {
                 let http = http.clone();
-                let ids: Vec<uuid::Uuid> = chunk
-                    .iter()
-                    .filter_map(|e| e["eventId"].as_str()?.parse().ok())
-                    .collect();
+                let ids = event_ids(chunk);
                 let body = Value::Array(chunk.to_vec());
                 async move {
                     let outcome = match http.post(url).json(&body).send().await {
@@ -368,10 +365,10 @@ pub(crate) async fn verified(
     let redis = redis::Client::open(backends.redis_url())?;
     let mut conn = redis::aio::ConnectionManager::new(redis).await?;
     loop {
-        let mut left = 0;
-        for group in ["pg", "influx"] {
-            left += cellmon_bus::consumer::backlog(&mut conn, &keys, group).await?;
-        }
+        let left: u64 = cellmon_bus::consumer::backlogs(&mut conn, &keys)
+            .await?
+            .values()
+            .sum();
         if left == 0 || std::time::Instant::now() >= deadline {
             break;
         }
@@ -412,4 +409,56 @@ async fn verified_once(
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+}
+
+/// The event ids of wire events.
+pub(crate) fn event_ids(events: &[Value]) -> Vec<uuid::Uuid> {
+    events
+        .iter()
+        .filter_map(|e| e["eventId"].as_str()?.parse().ok())
+        .collect()
+}
+
+/// How many of `ids` Postgres holds.
+pub(crate) async fn count_in_postgres(
+    pool: &sqlx::PgPool,
+    ids: &[uuid::Uuid],
+) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = ANY($1)")
+            .bind(ids)
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Sends `rounds` rounds of `per_round` events from `students` students,
+/// half a second apart, and returns the longest time Postgres took to hold
+/// a round once it was acknowledged.
+pub(crate) async fn postgres_lag_under_load(
+    url: &str,
+    pool: &sqlx::PgPool,
+    rounds: usize,
+    per_round: usize,
+    students: usize,
+    ledger: &mut cellmon_harness::verify::Ledger,
+) -> anyhow::Result<Duration> {
+    let mut worst_lag = Duration::ZERO;
+    for round in 0..rounds {
+        let batch: Vec<Value> = (round * per_round..(round + 1) * per_round)
+            .map(|i| classroom_event(i % students, i))
+            .collect();
+        let ids = event_ids(&batch);
+        send_all(url, &batch, 5, 4, ledger).await?;
+        let sent = std::time::Instant::now();
+        cellmon_harness::eventually(Duration::from_secs(10), || async {
+            let n = count_in_postgres(pool, &ids).await?;
+            anyhow::ensure!(n == ids.len() as i64, "{n} of {} in Postgres", ids.len());
+            Ok(())
+        })
+        .await?;
+        worst_lag = worst_lag.max(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(worst_lag)
 }
