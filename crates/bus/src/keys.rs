@@ -66,6 +66,12 @@ impl StreamKeys {
         format!("{}live:*", self.prefix)
     }
 
+    /// The pub/sub channel of 1:1 messages for every gateway (each routes
+    /// them to its own connections of the recipient).
+    pub fn direct_channel(&self) -> String {
+        format!("{}direct", self.prefix)
+    }
+
     /// Every events stream, in shard order.
     pub fn all_events(&self) -> impl Iterator<Item = String> + '_ {
         (0..self.shards).map(|shard| self.events(shard))

@@ -36,6 +36,16 @@ end
 return {epoch, last}
 "#;
 
+const POSITION: &str = r#"
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+end
+return {epoch, tonumber(redis.call('HGET', KEYS[2], 'offset'))}
+"#;
+
 /// Why publishing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {
@@ -65,6 +75,24 @@ pub async fn publish<C: ConnectionLike>(
     }
     let (epoch, last): (String, u64) = invocation.invoke_async(conn).await?;
     Ok((epoch, last))
+}
+
+/// The class's current `{epoch, offset}`: the offset of the last message
+/// published (0 for none). Starts an epoch when the class has none, the
+/// same way [`publish`] does, so a snapshot taken before the class's first
+/// message has a position that the messages after it continue.
+pub async fn position<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &StreamKeys,
+    class: ClassId,
+) -> Result<(String, u64), LiveError> {
+    let (epoch, offset): (String, u64) = redis::Script::new(POSITION)
+        .key(keys.history(class))
+        .key(keys.history_meta(class))
+        .arg(uuid::Uuid::new_v4().simple().to_string())
+        .invoke_async(conn)
+        .await?;
+    Ok((epoch, offset))
 }
 
 /// What a class's history holds after a given point.

@@ -18,6 +18,7 @@ use crate::status::{CellKey, StudentStatus};
 
 /// Who a message is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StudentRef {
     pub id: StudentId,
     pub key: StudentKey,
@@ -56,6 +57,7 @@ pub enum LiveBody {
 
 /// A live message as published and kept in the class's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LiveMessage {
     /// Changes when the class's history was lost and numbering restarted.
     pub epoch: String,
@@ -68,6 +70,7 @@ pub struct LiveMessage {
 
 /// A live message before the bus numbered it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Unnumbered {
     pub class_id: ClassId,
     #[serde(flatten)]

@@ -44,6 +44,7 @@ pub const HELP_WINDOW: Duration = Duration::minutes(5);
 
 /// An event's place in the canonical order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct OrderKey {
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
@@ -53,6 +54,7 @@ pub struct OrderKey {
 /// A cell of a student's notebook (the notebook is unknown when the
 /// extension had no notebook context).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CellKey {
     pub notebook: Option<NotebookPath>,
     pub cell: ClientId,
@@ -157,6 +159,7 @@ pub enum Status {
 
 /// A help request that is active now (its heartbeats have not lapsed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct HelpRequest {
     pub notebook: Option<NotebookPath>,
     /// The `help` event that started the request.
@@ -169,6 +172,7 @@ pub struct HelpRequest {
 
 /// A cell whose last runs all failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct SignificantError {
     pub cell: CellKey,
     pub consecutive_failures: u32,
@@ -178,6 +182,7 @@ pub struct SignificantError {
 
 /// Everything the dashboard shows about one student.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StudentStatus {
     pub status: Status,
     /// Active help requests, oldest first, dismissed ones included.

@@ -30,9 +30,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Start Postgres, Redis and InfluxDB locally, the ingest server in
-    /// front of them and the persister behind them, print their URLs, and
-    /// run until Ctrl-C (or SIGTERM), then stop both and remove the
-    /// backends.
+    /// front of them, the persister behind them and the WebSocket gateway
+    /// for dashboards, print their URLs (with a class, its token, and an
+    /// instructor's token), and run until Ctrl-C (or SIGTERM), then stop
+    /// everything and remove the backends.
     Up {
         /// Also write the URLs to this file as KEY=VALUE lines.
         #[arg(long)]
@@ -40,6 +41,9 @@ enum Cmd {
         /// Port of the ingest server on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 8080)]
         ingest_port: u16,
+        /// Port of the WebSocket gateway on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 8081)]
+        gateway_port: u16,
     },
     /// nextest setup script: start the backends shared by one test run and
     /// hand their addresses to the tests through $NEXTEST_ENV.
@@ -147,7 +151,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Up {
             env_file,
             ingest_port,
-        } => up(env_file, ingest_port).await?,
+            gateway_port,
+        } => up(env_file, ingest_port, gateway_port).await?,
         Cmd::TestBackends { serve: false, .. } => supervise::setup().await?,
         Cmd::TestBackends {
             serve: true,
@@ -248,7 +253,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
+async fn up(env_file: Option<PathBuf>, ingest_port: u16, gateway_port: u16) -> anyhow::Result<()> {
     let docker = Docker::connect().await?;
     eprintln!("starting postgres, redis and influxdb ...");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -294,10 +299,50 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
     config.persister.postgres_url = database_url.clone().into();
     config.persister.influx_url = stack.influx.url();
     config.persister.influx_database = "cellmon".into();
-    let (stop_ingest, ingest_stopped) = tokio::sync::oneshot::channel::<()>();
-    let ingest = tokio::spawn(cellmon_ingest::serve(config, listener, async {
-        let _ = ingest_stopped.await;
-    }));
+    // The schema first: the gateway reads it from its first request on.
+    let pool = cellmon_store::pg::pool(&cellmon_store::pg::PgConfig {
+        url: database_url.clone(),
+        max_connections: 2,
+        timeout: std::time::Duration::from_secs(10),
+    })?;
+    cellmon_store::MIGRATOR.run(&pool).await?;
+    let instructor = uuid::Uuid::new_v4();
+    cellmon_store::classes::register(&pool, class_id, "Local class", Some(&token)).await?;
+    cellmon_store::classes::add_instructor(&pool, instructor, "instructor@localhost", "Instructor")
+        .await?;
+    cellmon_store::classes::assign(&pool, class_id, instructor).await?;
+    pool.close().await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let signal = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
+    let ingest = tokio::spawn(cellmon_ingest::serve(config, listener, signal()));
+
+    let gateway_listener = tokio::net::TcpListener::bind(("127.0.0.1", gateway_port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot listen on 127.0.0.1:{gateway_port} ({e}); try --gateway-port")
+        })?;
+    let gateway_addr = gateway_listener.local_addr()?;
+    let jwt_secret = uuid::Uuid::new_v4().simple().to_string();
+    let gateway_config = cellmon_gateway::Config {
+        redis_url: stack.redis.url().into(),
+        postgres_url: database_url.clone().into(),
+        jwt_secret: jwt_secret.clone().into(),
+        allowed_origins: vec![format!("http://{gateway_addr}"), "http://localhost".into()],
+        ..cellmon_gateway::Config::default()
+    };
+    let instructor_token = cellmon_gateway::auth::Verifier::new(&jwt_secret.clone().into(), 0, 30)
+        .issue_token(instructor, 7 * 24 * 3600)?;
+    let gateway = tokio::spawn(cellmon_gateway::serve(
+        gateway_config,
+        gateway_listener,
+        signal(),
+    ));
 
     let mut env = String::new();
     for kind in BackendKind::ALL {
@@ -309,6 +354,11 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
     env.push_str(&format!("CELLMON_INGEST_URL=http://{ingest_addr}\n"));
     env.push_str(&format!("CELLMON_CLASS_ID={class_id}\n"));
     env.push_str(&format!("CELLMON_INGEST_TOKEN={token}\n"));
+    env.push_str(&format!("CELLMON_GATEWAY_URL=ws://{gateway_addr}/ws\n"));
+    env.push_str(&format!("CELLMON_GATEWAY_HTTP_URL=http://{gateway_addr}\n"));
+    env.push_str(&format!("CELLMON_INSTRUCTOR_ID={instructor}\n"));
+    env.push_str(&format!("CELLMON_INSTRUCTOR_TOKEN={instructor_token}\n"));
+    env.push_str(&format!("CELLMON_JWT_SECRET={jwt_secret}\n"));
     if let Some(path) = env_file {
         supervise::write_atomically(&path, &env)?;
     }
@@ -324,6 +374,10 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
             out,
             "the persister writes them to Postgres ({database_url}) and InfluxDB (database cellmon)"
         )?;
+        writeln!(
+            out,
+            "dashboards: ws://{gateway_addr}/ws with the sub-protocols cellmon.v1 and cellmon.jwt.$CELLMON_INSTRUCTOR_TOKEN"
+        )?;
         writeln!(out, "ready; press Ctrl-C to stop and remove the backends")?;
     }
     tokio::select! {
@@ -331,11 +385,13 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16) -> anyhow::Result<()> {
         _ = terminate.recv() => {}
     }
     eprintln!("stopping ...");
-    let _ = stop_ingest.send(());
-    match ingest.await {
-        Ok(Err(error)) => eprintln!("ingest server: {error:#}"),
-        Err(error) => eprintln!("ingest server task: {error}"),
-        Ok(Ok(())) => {}
+    let _ = stop.send(true);
+    for (name, task) in [("ingest server", ingest), ("gateway", gateway)] {
+        match task.await {
+            Ok(Err(error)) => eprintln!("{name}: {error:#}"),
+            Err(error) => eprintln!("{name} task: {error}"),
+            Ok(Ok(())) => {}
+        }
     }
     stack.shutdown().await?;
     let _ = std::fs::remove_dir_all(&spool_dir);

@@ -647,7 +647,7 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
     let mut significant = 0;
     for (student, status) in &a {
         let n: usize = student[1..3].parse()?;
-        let errors = status["significant_errors"].as_array().map_or(0, Vec::len);
+        let errors = status["significantErrors"].as_array().map_or(0, Vec::len);
         assert_eq!(
             errors,
             usize::from(n.is_multiple_of(2)),

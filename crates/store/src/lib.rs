@@ -7,14 +7,19 @@
 //!   insert per table, `ON CONFLICT DO NOTHING` on the event id.
 //! * [`status`]: derived status after a commit (one query per batch), the
 //!   stored snapshot, instructor actions.
+//! * [`classes`]: classes, their ingest tokens (as digests) and who
+//!   teaches them.
+//! * [`messages`]: help conversations between an instructor and a student.
 //! * [`influx`]: line protocol for events and the v1 `/write` client.
 //! * [`ids`]: row keys derived from natural keys.
 //! * [`error`]: [`StoreError`], with [`StoreError::is_transient`] telling a
 //!   writer whether to retry or to set the input aside.
 
+pub mod classes;
 pub mod error;
 pub mod ids;
 pub mod influx;
+pub mod messages;
 pub mod pg;
 pub mod status;
 

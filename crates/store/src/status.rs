@@ -193,6 +193,12 @@ pub async fn recompute(
 ) -> Result<Recomputed, StoreError> {
     let ids: Vec<Uuid> = students.iter().map(|s| s.0).collect();
     let mut tx = pool.begin().await?;
+    // Classes first (shared: persisters never wait for each other here; a
+    // snapshot waits for them, see [`ClassSnapshot`]), then students.
+    sqlx::query(SHARE_CLASSES)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
     // Lock first, load second: under READ COMMITTED a statement sees the
     // data of when it started, so a load that had to wait for a lock would
     // miss what the lock holder committed meanwhile.
@@ -353,7 +359,91 @@ pub async fn dismiss_help(
     Ok(())
 }
 
-/// The stored status of every student of a class (the dashboard snapshot).
+/// The advisory-lock key of a class (SQL over a uuid column): its id's
+/// first 64 bits.
+macro_rules! class_lock_key {
+    ($column:literal) => {
+        concat!(
+            "('x' || left(replace(",
+            $column,
+            "::text, '-', ''), 16))::bit(64)::bigint"
+        )
+    };
+}
+
+/// Shared advisory locks on the classes of the students `$1`, in key order.
+const SHARE_CLASSES: &str = concat!(
+    "SELECT pg_advisory_xact_lock_shared(k) FROM (SELECT DISTINCT ",
+    class_lock_key!("class_id"),
+    " AS k FROM students WHERE id = ANY($1) ORDER BY k) classes"
+);
+
+/// The exclusive advisory lock on the class `$1`.
+const LOCK_CLASS: &str = concat!(
+    "SELECT pg_advisory_xact_lock(",
+    class_lock_key!("$1::uuid"),
+    ")"
+);
+
+/// A class's statuses, consistent with the live messages published so far.
+///
+/// The persister publishes a student's live messages *before* it commits
+/// the status row (so concurrent persisters publish in commit order). A
+/// dashboard joining the class therefore needs a point where every message
+/// published so far has its status committed. [`ClassSnapshot::lock`] takes
+/// the class's advisory lock exclusively: it waits for every recompute of
+/// the class in flight (they hold it shared) and holds new ones back. While
+/// it is held, the caller reads the class's live position; [`load`] then
+/// reads the statuses and releases the lock. Hold it briefly: recomputes of
+/// the class wait meanwhile.
+///
+/// [`load`]: ClassSnapshot::load
+#[derive(Debug)]
+pub struct ClassSnapshot {
+    tx: Transaction<'static, Postgres>,
+    class: ClassId,
+}
+
+impl ClassSnapshot {
+    pub async fn lock(pool: &PgPool, class: ClassId) -> Result<Self, StoreError> {
+        let mut tx = pool.begin().await?;
+        sqlx::query(LOCK_CLASS)
+            .bind(class.0)
+            .execute(&mut *tx)
+            .await?;
+        Ok(Self { tx, class })
+    }
+
+    /// Every student of the class that has a status, by id; releases the lock.
+    pub async fn load(mut self) -> Result<Vec<(StudentRef, StudentStatus)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.student_key, s.name, t.name AS team, st.detail
+             FROM student_status st
+             JOIN students s ON s.id = st.student_id
+             LEFT JOIN teams t ON t.id = s.team_id
+             WHERE st.class_id = $1 ORDER BY s.id",
+        )
+        .bind(self.class.0)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        self.tx.commit().await?;
+        rows.into_iter()
+            .map(|row| {
+                let Json(status): Json<StudentStatus> = row.try_get("detail")?;
+                let key_text: String = row.try_get("student_key")?;
+                let student = StudentRef {
+                    id: StudentId(row.try_get("id")?),
+                    key: student_key(&key_text)?,
+                    name: display(row.try_get("name")?),
+                    team: display(row.try_get("team")?),
+                };
+                Ok((student, status))
+            })
+            .collect()
+    }
+}
+
+/// The stored status of every student of a class.
 pub async fn class_status(
     pool: &PgPool,
     class: ClassId,
