@@ -105,7 +105,9 @@ pub enum Since {
     Gone,
 }
 
-/// The messages of a class after `{epoch, offset}`.
+/// The messages of a class after `{epoch, offset}`: all of them up to
+/// the class's current offset, or [`Since::Gone`] when that is impossible
+/// (another epoch, trimmed, or a point past the end).
 pub async fn since<C: ConnectionLike>(
     conn: &mut C,
     keys: &StreamKeys,
@@ -113,12 +115,14 @@ pub async fn since<C: ConnectionLike>(
     epoch: &str,
     offset: u64,
 ) -> Result<Since, LiveError> {
-    let current: Option<String> = redis::cmd("HGET")
+    let (current, last): (Option<String>, Option<u64>) = redis::cmd("HMGET")
         .arg(keys.history_meta(class))
         .arg("epoch")
+        .arg("offset")
         .query_async(conn)
         .await?;
-    if current.as_deref() != Some(epoch) {
+    let last = last.unwrap_or_default();
+    if current.as_deref() != Some(epoch) || offset > last {
         return Ok(Since::Gone);
     }
     let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
@@ -133,8 +137,13 @@ pub async fn since<C: ConnectionLike>(
             messages.push(serde_json::from_str::<LiveMessage>(&json)?);
         }
     }
-    // The history was trimmed past the point: something in between is gone.
-    if messages.first().is_some_and(|m| m.offset != offset + 1) {
+    // The history was trimmed past the point (or lost while its counter
+    // survived): something in between is gone.
+    let continues = match messages.first() {
+        Some(first) => first.offset == offset + 1,
+        None => offset == last,
+    };
+    if !continues {
         return Ok(Since::Gone);
     }
     Ok(Since::Messages(messages))

@@ -223,10 +223,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            // CELLMON_INGEST_CONFIG names the file; it is not a setting.
+            // CELLMON_INGEST_CONFIG names the file; URL and TOKEN are what
+            // `harness up` prints for clients. None is a setting.
             .merge(
                 Env::prefixed("CELLMON_INGEST_")
-                    .ignore(&["config"])
+                    .ignore(&["config", "url", "token"])
                     .split("__"),
             )
             .extract()

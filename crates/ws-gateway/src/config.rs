@@ -32,7 +32,7 @@ pub struct Config {
     /// Longest a Postgres statement may take.
     pub postgres_timeout_ms: u64,
     /// The HS256 secret instructor tokens are signed with. Required: the
-    /// gateway refuses to start without one.
+    /// gateway refuses to start without one (exit status 64).
     #[serde(skip_serializing)]
     pub jwt_secret: SecretString,
     /// Clock skew tolerated on `exp` and `nbf`.
@@ -114,13 +114,32 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
+            // CELLMON_GATEWAY_CONFIG names the file; the URLs are what
+            // `harness up` prints for clients. None is a setting.
             .merge(
                 Env::prefixed("CELLMON_GATEWAY_")
-                    .ignore(&["config"])
+                    .ignore(&["config", "url", "http_url"])
                     .split("__"),
             )
-            .extract()
-            .map_err(Box::new)
+            .extract::<Self>()
+            .map_err(Box::new)?
+            .checked()
+    }
+
+    /// Refuses settings the gateway cannot run with.
+    fn checked(self) -> Result<Self, Box<figment::Error>> {
+        use secrecy::ExposeSecret as _;
+        let refuse = |message: &str| Err(Box::new(figment::Error::from(message.to_owned())));
+        if self.jwt_secret.expose_secret().is_empty() {
+            return refuse("jwt_secret is not set: instructors' tokens could not be checked");
+        }
+        if self.queue_capacity == 0 || self.write_batch == 0 || self.max_subscriptions == 0 {
+            return refuse("queue_capacity, write_batch and max_subscriptions must be at least 1");
+        }
+        if self.idle_timeout_ms <= self.heartbeat_ms {
+            return refuse("idle_timeout_ms must be longer than heartbeat_ms");
+        }
+        Ok(self)
     }
 
     pub(crate) fn ms(value: u64) -> Duration {
@@ -141,6 +160,7 @@ mod tests {
     #[test]
     fn file_then_environment() {
         figment::Jail::expect_with(|jail| {
+            jail.set_env("CELLMON_GATEWAY_URL", "ws://127.0.0.1:8081/ws");
             jail.create_file(
                 "gateway.toml",
                 r#"
@@ -161,10 +181,14 @@ mod tests {
     }
 
     #[test]
-    fn unknown_settings_are_refused() {
+    fn unknown_and_unusable_settings_are_refused() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("gateway.toml", "queue_capacty = 64")?;
-            assert!(Config::load(Some(Path::new("gateway.toml"))).is_err());
+            jail.create_file("typo.toml", "jwt_secret = \"s\"\nqueue_capacty = 64")?;
+            assert!(Config::load(Some(Path::new("typo.toml"))).is_err());
+            let no_secret = Config::load(None).expect_err("no secret");
+            assert!(no_secret.to_string().contains("jwt_secret"), "{no_secret}");
+            jail.create_file("idle.toml", "jwt_secret = \"s\"\nidle_timeout_ms = 100")?;
+            assert!(Config::load(Some(Path::new("idle.toml"))).is_err());
             Ok(())
         });
     }

@@ -3,8 +3,9 @@
 //! e-mail). Errors are JSON `{"error": {"code", "message"}}`.
 
 use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cellmon_domain::lms::{ClassId, StudentId};
@@ -80,11 +81,56 @@ impl From<messages::BodyError> for ApiError {
     }
 }
 
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        Self::new(rejection.status(), "bad_request", rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            rejection.body_text(),
+        )
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            rejection.body_text(),
+        )
+    }
+}
+
+/// A JSON body; a malformed one is a JSON error too.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Body<T>(T);
+
+/// Query parameters, with JSON errors.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(T);
+
+/// Path parameters, with JSON errors.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(T);
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpgradeQuery {
     ticket: Option<String>,
 }
+
+/// The read and write buffers of a socket (the library's default is
+/// 128 KiB each, which a thousand sockets would feel).
+const SOCKET_BUFFER_BYTES: usize = 16 * 1024;
 
 /// `GET /ws`: Origin, capacity and token are checked before `101`.
 pub async fn upgrade(
@@ -122,6 +168,8 @@ pub async fn upgrade(
         .protocols([auth::PROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(SOCKET_BUFFER_BYTES)
+        .write_buffer_size(SOCKET_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             tracker.track_future(crate::socket::run(socket, instructor, state, permit))
         }))
@@ -180,7 +228,7 @@ pub async fn instructor_send(
     State(state): State<AppState>,
     Path((class, student)): Path<(ClassId, StudentId)>,
     headers: HeaderMap,
-    Json(new): Json<NewMessage>,
+    Body(new): Body<NewMessage>,
 ) -> Result<(StatusCode, Json<DirectMessage>), ApiError> {
     let who = teaching(&state, &headers, class).await?;
     let body = messages::check_body(&new.body)?;
@@ -204,16 +252,9 @@ pub async fn instructor_history(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = teaching(&state, &headers, class).await?;
-    let list = messages::history(
-        &state.pool,
-        class,
-        who,
-        student,
-        page.before,
-        page.limit.unwrap_or(DEFAULT_PAGE),
-    )
-    .await?;
-    Ok(Json(paged(list)))
+    let limit = page.limit.unwrap_or(DEFAULT_PAGE);
+    let list = messages::history(&state.pool, class, who, student, page.before, limit).await?;
+    Ok(Json(paged(list, limit)))
 }
 
 /// `POST /api/v1/classes/{class}/students/{student}/messages/read`.
@@ -221,7 +262,7 @@ pub async fn instructor_read(
     State(state): State<AppState>,
     Path((class, student)): Path<(ClassId, StudentId)>,
     headers: HeaderMap,
-    Json(read): Json<MarkRead>,
+    Body(read): Body<MarkRead>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = teaching(&state, &headers, class).await?;
     let marked = messages::mark_read(
@@ -289,15 +330,9 @@ pub async fn student_history(
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (class, student) = student(&state, &headers, query.token.as_deref(), &query.email).await?;
-    let list = messages::student_history(
-        &state.pool,
-        class,
-        student,
-        query.before,
-        query.limit.unwrap_or(DEFAULT_PAGE),
-    )
-    .await?;
-    Ok(Json(paged(list)))
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    let list = messages::student_history(&state.pool, class, student, query.before, limit).await?;
+    Ok(Json(paged(list, limit)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -332,7 +367,7 @@ pub struct StudentSend {
 pub async fn student_send(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Json(new): Json<StudentSend>,
+    Body(new): Body<StudentSend>,
 ) -> Result<(StatusCode, Json<DirectMessage>), ApiError> {
     let (class, student) = student(&state, &headers, new.token.as_deref(), &new.email).await?;
     let body = messages::check_body(&new.body)?;
@@ -368,7 +403,7 @@ pub struct StudentRead {
 pub async fn student_read(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Json(read): Json<StudentRead>,
+    Body(read): Body<StudentRead>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let (class, student) = student(&state, &headers, read.token.as_deref(), &read.email).await?;
     let marked = messages::mark_read(
@@ -383,8 +418,11 @@ pub async fn student_read(
     Ok(Json(json!({"marked": marked})))
 }
 
-fn paged(list: Vec<DirectMessage>) -> serde_json::Value {
-    let next = list.last().map(|m| m.id);
+/// A page of messages, newest first; `nextBefore` is set when the page is
+/// full (there may be more).
+fn paged(list: Vec<DirectMessage>, limit: i64) -> serde_json::Value {
+    let full = i64::try_from(list.len()).unwrap_or(i64::MAX) >= limit.clamp(1, messages::MAX_PAGE);
+    let next = list.last().filter(|_| full).map(|m| m.id);
     json!({"messages": list, "nextBefore": next})
 }
 
@@ -400,6 +438,7 @@ async fn publish(state: &AppState, message: &DirectMessage) {
     };
     let envelope = DirectEnvelope {
         instructor_id: message.instructor_id,
+        message_id: message.id,
         frame,
     };
     let Ok(payload) = serde_json::to_string(&envelope) else {

@@ -39,6 +39,7 @@ pub struct Frame {
     /// The class of a live message; `None` for a 1:1 message.
     pub class: Option<ClassId>,
     pub epoch: Arc<str>,
+    /// The live message's offset, or the 1:1 message's id.
     pub offset: u64,
     /// The message's `type`, for metrics.
     pub kind: &'static str,
@@ -52,6 +53,7 @@ pub struct Frame {
 #[derive(Debug, Default)]
 pub struct Signals {
     overflowed: Mutex<Vec<ClassId>>,
+    restarted: Mutex<Vec<ClassId>>,
     direct_lost: AtomicBool,
     notify: Notify,
 }
@@ -63,23 +65,25 @@ impl Signals {
     }
 
     fn overflow(&self, class: ClassId) {
-        self.overflowed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(class);
+        lock(&self.overflowed).push(class);
         self.notify.notify_one();
     }
 
-    /// The classes whose messages overflowed the queue since the last call,
-    /// and whether a 1:1 message was lost.
-    pub fn take(&self) -> (Vec<ClassId>, bool) {
-        let classes = std::mem::take(
-            &mut *self
-                .overflowed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        (classes, self.direct_lost.swap(false, Ordering::AcqRel))
+    fn restart(&self, class: ClassId) {
+        lock(&self.restarted).push(class);
+        self.notify.notify_one();
+    }
+
+    /// What happened since the last call: the classes whose messages
+    /// overflowed the queue, the classes whose live stream restarted (its
+    /// history was lost while this gateway was not listening), and whether
+    /// a 1:1 message was lost.
+    pub fn take(&self) -> (Vec<ClassId>, Vec<ClassId>, bool) {
+        (
+            std::mem::take(&mut *lock(&self.overflowed)),
+            std::mem::take(&mut *lock(&self.restarted)),
+            self.direct_lost.swap(false, Ordering::AcqRel),
+        )
     }
 }
 
@@ -136,6 +140,34 @@ impl Hub {
             self.metrics.subscriptions.inc();
         }
         self.metrics.rooms.set(gauge(rooms.len()));
+    }
+
+    /// Records a position of a class read from Redis (a socket's snapshot
+    /// or resume point), so a reconnect catches the room up from there
+    /// even before its first live message.
+    pub fn seen(&self, class: ClassId, epoch: &str, offset: u64) {
+        let mut rooms = self.rooms.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(room) = rooms.get_mut(&class)
+            && room
+                .last
+                .as_ref()
+                .is_none_or(|(e, o)| &**e != epoch || *o < offset)
+        {
+            room.last = Some((Arc::from(epoch), offset));
+        }
+    }
+
+    /// Tells every socket in a class's room that the class's stream
+    /// restarted.
+    fn restart(&self, class: ClassId) {
+        let rooms = self.rooms.read().unwrap_or_else(PoisonError::into_inner);
+        for outbox in rooms
+            .get(&class)
+            .into_iter()
+            .flat_map(|r| r.members.values())
+        {
+            outbox.signals.restart(class);
+        }
     }
 
     /// Takes a socket out of a class's room.
@@ -247,6 +279,10 @@ impl Hub {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn gauge(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -267,6 +303,7 @@ struct LiveHeader {
 #[serde(rename_all = "camelCase")]
 pub struct DirectEnvelope {
     pub instructor_id: Uuid,
+    pub message_id: i64,
     /// The `direct_message` server message, ready to send.
     pub frame: String,
 }
@@ -295,6 +332,9 @@ pub fn live_frame(text: String, received: Instant) -> Option<(ClassId, Frame)> {
     ))
 }
 
+/// How often the pub/sub connection is pinged, and how long a pong may take.
+const PUBSUB_PING: Duration = Duration::from_secs(5);
+
 /// Holds the process's one pub/sub connection until `shutdown`,
 /// reconnecting with backoff, and feeds the hub.
 pub async fn run_pubsub(
@@ -305,7 +345,6 @@ pub async fn run_pubsub(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
-    let mut first = true;
     loop {
         let connected = async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -315,11 +354,15 @@ pub async fn run_pubsub(
         };
         let pubsub = tokio::select! {
             () = shutdown.cancelled() => return,
-            result = connected => result,
+            result = tokio::time::timeout(PUBSUB_PING, connected) => result,
         };
-        let mut pubsub = match pubsub {
-            Ok(pubsub) => pubsub,
-            Err(error) => {
+        let pubsub = match pubsub {
+            Ok(Ok(pubsub)) => pubsub,
+            failed => {
+                let error = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "no answer".to_owned(),
+                };
                 tracing::warn!(%error, "redis pub/sub unavailable; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -330,33 +373,61 @@ pub async fn run_pubsub(
             }
         };
         hub.metrics.pubsub_connects.inc();
+        hub.metrics.pubsub_up.set(1);
         backoff = Duration::from_millis(100);
-        if !first {
-            tracing::info!("redis pub/sub reconnected; catching up from the histories");
-            catch_up(&hub, &mut control, &keys).await;
+        // Whatever was published while no connection listened (none, the
+        // first time, unless sockets came before Redis did).
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = catch_up(&hub, &mut control, &keys) => {}
         }
-        first = false;
-        let direct = keys.direct_channel();
-        let mut messages = pubsub.on_message();
-        loop {
-            let message = tokio::select! {
-                () = shutdown.cancelled() => return,
-                message = messages.next() => message,
-            };
-            let Some(message) = message else {
-                tracing::warn!("redis pub/sub connection lost; reconnecting");
-                break;
-            };
-            let received = Instant::now();
-            let Ok(text) = String::from_utf8(message.get_payload_bytes().to_vec()) else {
+        listen(&hub, pubsub, &keys, &shutdown).await;
+        hub.metrics.pubsub_up.set(0);
+        if shutdown.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// Feeds the hub from one pub/sub connection until it fails or `shutdown`.
+async fn listen(
+    hub: &Hub,
+    pubsub: redis::aio::PubSub,
+    keys: &StreamKeys,
+    shutdown: &CancellationToken,
+) {
+    let direct = keys.direct_channel();
+    let (mut sink, mut messages) = pubsub.split();
+    // A connection that died without a reset would just go quiet: ping it,
+    // and reconnect when it does not answer.
+    let mut ping = tokio::time::interval(PUBSUB_PING);
+    ping.reset();
+    loop {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ping.tick() => {
+                let pong = tokio::time::timeout(PUBSUB_PING, sink.ping::<String>()).await;
+                if !matches!(pong, Ok(Ok(_))) {
+                    tracing::warn!("redis pub/sub does not answer; reconnecting");
+                    return;
+                }
                 continue;
-            };
-            if message.get_channel_name() == direct {
-                route_direct(&hub, &text, received);
-            } else if let Some((class, frame)) = live_frame(text, received) {
-                hub.metrics.messages_in.inc();
-                hub.deliver_live(class, &frame);
             }
+            message = messages.next() => message,
+        };
+        let Some(message) = message else {
+            tracing::warn!("redis pub/sub connection lost; reconnecting");
+            return;
+        };
+        let received = Instant::now();
+        let Ok(text) = String::from_utf8(message.get_payload_bytes().to_vec()) else {
+            continue;
+        };
+        if message.get_channel_name() == direct {
+            route_direct(hub, &text, received);
+        } else if let Some((class, frame)) = live_frame(text, received) {
+            hub.metrics.messages_in.inc();
+            hub.deliver_live(class, &frame);
         }
     }
 }
@@ -368,7 +439,7 @@ fn route_direct(hub: &Hub, text: &str, received: Instant) {
     let frame = Frame {
         class: None,
         epoch: Arc::from(""),
-        offset: 0,
+        offset: u64::try_from(envelope.message_id).unwrap_or_default(),
         kind: "direct_message",
         text: envelope.frame.into(),
         received,
@@ -391,8 +462,7 @@ async fn catch_up(hub: &Hub, control: &mut ConnectionManager, keys: &StreamKeys)
                     }
                 }
             }
-            // Sockets find out from the next message's epoch or offset.
-            Ok(Since::Gone) => {}
+            Ok(Since::Gone) => hub.restart(class),
             Err(error) => tracing::warn!(%error, %class, "cannot catch up a class"),
         }
     }

@@ -83,6 +83,11 @@ impl AppState {
     }
 }
 
+/// Largest HTTP request body (a 1:1 message is at most 4,000 characters).
+const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Longest an HTTP request may take, body included.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The routes.
 pub fn router(state: AppState) -> Router {
     let student_messages = "/api/v1/classes/{class}/students/{student}/messages";
@@ -107,6 +112,13 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(|| async { "ok" }))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        // Bodies are small JSON; a request may not hold a connection (or
+        // shutdown) for long. An upgraded socket is not a request any more.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .with_state(state)
 }
 
@@ -117,7 +129,8 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, &'static str) {
         .await
         .is_ok();
     let pg_ok = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
-    match (redis_ok, pg_ok) {
+    let live_ok = state.metrics.pubsub_up.get() == 1;
+    match (redis_ok && live_ok, pg_ok) {
         (true, true) => (StatusCode::OK, "ready"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "redis unavailable"),
         (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "postgres unavailable"),

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub gap_fills: IntCounter,
     /// Connections to Redis's pub/sub made (1 while all is well).
     pub pubsub_connects: IntCounter,
+    /// 1 while the pub/sub connection is subscribed and answering.
+    pub pubsub_up: IntGauge,
     /// 1:1 messages sent, by sender.
     pub direct_messages: IntCounterVec,
 }
@@ -85,6 +87,10 @@ impl Metrics {
             "cellmon_gateway_pubsub_connects_total",
             "Connections made to Redis pub/sub",
         )?;
+        let pubsub_up = IntGauge::new(
+            "cellmon_gateway_pubsub_up",
+            "1 while the Redis pub/sub connection is subscribed and answering",
+        )?;
         let direct_messages = IntCounterVec::new(
             Opts::new(
                 "cellmon_gateway_direct_messages_total",
@@ -102,6 +108,7 @@ impl Metrics {
         registry.register(Box::new(fanout_seconds.clone()))?;
         registry.register(Box::new(gap_fills.clone()))?;
         registry.register(Box::new(pubsub_connects.clone()))?;
+        registry.register(Box::new(pubsub_up.clone()))?;
         registry.register(Box::new(direct_messages.clone()))?;
         Ok(Self {
             registry,
@@ -115,6 +122,7 @@ impl Metrics {
             fanout_seconds,
             gap_fills,
             pubsub_connects,
+            pubsub_up,
             direct_messages,
         })
     }

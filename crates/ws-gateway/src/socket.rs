@@ -8,7 +8,7 @@
 //! gap is filled from the class's history, a new epoch means a fresh
 //! snapshot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -61,7 +61,13 @@ struct Session {
     instructor: Uuid,
     outbox: Outbox,
     subs: HashMap<ClassId, Subscription>,
+    /// The rooms this socket joined (a superset of `subs`: a subscription
+    /// that failed half-way is in a room but not subscribed).
+    joined: HashSet<ClassId>,
     resyncs: Vec<Instant>,
+    /// Ids of the unread 1:1 messages pushed on connect: one of them may
+    /// also arrive live, published just before the socket registered.
+    pushed_unread: HashSet<u64>,
     tokens: TokenBucket,
     /// When the frames written since the last flush arrived, for the
     /// fan-out latency.
@@ -91,7 +97,9 @@ pub(crate) async fn run(
         instructor,
         outbox,
         subs: HashMap::new(),
+        joined: HashSet::new(),
         resyncs: Vec::new(),
+        pushed_unread: HashSet::new(),
         pending: Vec::new(),
         written: 0,
     };
@@ -115,7 +123,7 @@ pub(crate) async fn run(
         })
         .await;
     }
-    for class in session.subs.keys() {
+    for class in &session.joined {
         state.hub.leave(*class, session.outbox.id);
     }
     state.hub.remove_user(instructor, session.outbox.id);
@@ -183,6 +191,8 @@ impl Session {
         match unread {
             Ok(unread) => {
                 for message in unread {
+                    self.pushed_unread
+                        .insert(u64::try_from(message.id).unwrap_or_default());
                     self.send(&ServerMessage::DirectMessage { message }).await?;
                 }
             }
@@ -200,7 +210,12 @@ impl Session {
                     "binary frames are not supported",
                 ));
             }
-            Message::Close(_) => return Err(End::Gone),
+            Message::Close(_) => {
+                // Sends the close reply the library queued.
+                let timeout = crate::config::Config::ms(self.state.config.write_timeout_ms);
+                let _ = tokio::time::timeout(timeout, self.socket.flush()).await;
+                return Err(End::Gone);
+            }
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
         };
         if !self.tokens.take() {
@@ -218,8 +233,7 @@ impl Session {
                 self.subscribe(class_id, since).await
             }
             Ok(ClientMessage::Unsubscribe { class_id }) => {
-                self.subs.remove(&class_id);
-                self.state.hub.leave(class_id, self.outbox.id);
+                self.leave(class_id);
                 self.send(&ServerMessage::Unsubscribed { class_id }).await
             }
             Err(error) => {
@@ -264,6 +278,7 @@ impl Session {
         // can be missed; what the queue holds from before is dropped by
         // offset.
         self.subs.remove(&class);
+        self.joined.insert(class);
         self.state.hub.join(class, &self.outbox);
         let mut redis = self.state.redis.clone();
         if let Some(since) = since {
@@ -288,6 +303,7 @@ impl Session {
                             offset = message.offset;
                             self.send_live(&message).await?;
                         }
+                        self.state.hub.seen(class, &since.epoch, offset);
                         self.subs.insert(
                             class,
                             Subscription {
@@ -312,6 +328,12 @@ impl Session {
         self.snapshot(class).await
     }
 
+    fn leave(&mut self, class: ClassId) {
+        self.subs.remove(&class);
+        self.joined.remove(&class);
+        self.state.hub.leave(class, self.outbox.id);
+    }
+
     /// Sends a snapshot and starts the subscription at its position.
     async fn snapshot(&mut self, class: ClassId) -> Result<(), End> {
         let mut redis = self.state.redis.clone();
@@ -326,6 +348,7 @@ impl Session {
             Ok(loaded) => loaded,
             Err(error) => return self.unavailable(class, &format!("{error:#}")).await,
         };
+        self.state.hub.seen(class, &epoch, offset);
         self.subs.insert(
             class,
             Subscription {
@@ -364,8 +387,7 @@ impl Session {
 
     async fn unavailable(&mut self, class: ClassId, why: &str) -> Result<(), End> {
         tracing::warn!(%class, why, "subscription failed");
-        self.subs.remove(&class);
-        self.state.hub.leave(class, self.outbox.id);
+        self.leave(class);
         self.send(&ServerMessage::error(
             ErrorCode::Unavailable,
             "class data is unavailable right now; subscribe again",
@@ -374,10 +396,16 @@ impl Session {
         .await
     }
 
-    /// The queue overflowed: drop those subscriptions with a `resync`, or
-    /// close a socket that keeps falling behind.
+    /// Restart the classes whose stream restarted. If the queue
+    /// overflowed, drop those subscriptions with a `resync`, or close a
+    /// socket that keeps falling behind.
     async fn fell_behind(&mut self) -> Result<(), End> {
-        let (classes, direct_lost) = self.outbox.signals.take();
+        let (classes, restarted, direct_lost) = self.outbox.signals.take();
+        for class in restarted {
+            if self.subs.contains_key(&class) {
+                self.restart(class, ResyncReason::Gone).await?;
+            }
+        }
         let now = Instant::now();
         self.resyncs
             .retain(|t| now.duration_since(*t) < Duration::from_secs(60));
@@ -431,6 +459,9 @@ impl Session {
     /// Delivers a queued frame if it is the next one of its class.
     async fn relay(&mut self, frame: Frame) -> Result<(), End> {
         let Some(class) = frame.class else {
+            if self.pushed_unread.remove(&frame.offset) {
+                return Ok(());
+            }
             return self.write_frame(frame).await;
         };
         let Some(sub) = self.subs.get(&class) else {

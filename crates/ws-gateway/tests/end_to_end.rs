@@ -1,0 +1,199 @@
+//! The whole path with real components: the extension's POST to ingest →
+//! Redis Streams → persister (Postgres, status, live channel) → gateway →
+//! an instructor's socket.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cellmon_harness::fixture::TestBackends;
+use cellmon_ingest::config::{ClassToken, Role};
+use common::Gateway;
+use serde_json::{Value, json};
+
+struct Ingest {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _spool: tempfile::TempDir,
+}
+
+async fn ingest(
+    backends: &TestBackends,
+    class: cellmon_domain::lms::ClassId,
+    token: &str,
+) -> anyhow::Result<Ingest> {
+    let spool = tempfile::tempdir()?;
+    let mut config = cellmon_ingest::Config {
+        role: Role::All,
+        redis_url: backends.redis_url().into(),
+        stream_prefix: backends.redis_prefix().to_owned(),
+        classes: vec![ClassToken {
+            class_id: class,
+            token: token.to_owned().into(),
+        }],
+        ..cellmon_ingest::Config::default()
+    };
+    config.spool.dir = spool.path().to_owned();
+    config.redis_timeout_ms = 10_000;
+    let p = &mut config.persister;
+    p.postgres_url = backends.pg_url().into();
+    p.influx_url = backends.influx_url();
+    p.influx_database = backends.influx_database().to_owned();
+    p.batch_wait_ms = 5;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(cellmon_ingest::serve(config, listener, async {
+        let _ = stopped.await;
+    }));
+    Ok(Ingest {
+        url,
+        stop: Some(stop),
+        done,
+        _spool: spool,
+    })
+}
+
+impl Ingest {
+    async fn post(&self, token: &str, event: Value) -> anyhow::Result<()> {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/v1/events?token={token}", self.url))
+            .json(&json!([event]))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 202,
+            "ingest answered {}",
+            response.status()
+        );
+        Ok(())
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.done.await?
+    }
+}
+
+fn event(kind: &str, email: &str, extra: Value) -> Value {
+    let mut event = json!({
+        "eventId": uuid::Uuid::new_v4().to_string(),
+        "eventType": kind,
+        "eventTime": time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        "emailAddress": email,
+        "userName": "山田 花子",
+        "notebookPath": "lesson1.ipynb",
+    });
+    if let (Some(event), Some(extra)) = (event.as_object_mut(), extra.as_object()) {
+        event.extend(extra.clone());
+    }
+    event
+}
+
+/// The next message of `kind`, skipping others (the persister may send a
+/// `student_update` before an `alert`, or more than one).
+async fn next_of(ws: &mut common::Ws, kind: &str) -> anyhow::Result<Value> {
+    loop {
+        let value = ws.json().await?;
+        if value["type"] == kind {
+            return Ok(value);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_event_posted_to_ingest_reaches_the_instructor_socket() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let mut gateway = Gateway::start(&backends, |_| {}).await?;
+    let (class, token) = gateway.class().await?;
+    let (_, instructor) = gateway.instructor(&[class]).await?;
+    let ingest = ingest(&backends, class, &token).await?;
+    let email = "hanako@example.ac.jp";
+
+    let mut ws = gateway.connect(&instructor).await?;
+    let snapshot = ws.subscribe(class).await?;
+    assert_eq!(snapshot["students"], json!([]));
+
+    let started = Instant::now();
+    ingest
+        .post(
+            &token,
+            event(
+                "cell_executed",
+                email,
+                json!({"cellId": "c1", "code": "print(1)", "hasError": false}),
+            ),
+        )
+        .await?;
+    let update = ws.expect("student_update").await?;
+    let run_latency = started.elapsed();
+    assert_eq!(update["classId"], class.to_string());
+    assert!(update["student"].to_string().contains(email), "{update}");
+    assert_eq!(update["status"]["executions"], 1, "{update}");
+    assert_eq!(update["status"]["status"], "active", "{update}");
+
+    let started = Instant::now();
+    ingest.post(&token, event("help", email, json!({}))).await?;
+    let alert = next_of(&mut ws, "alert").await?;
+    let help_latency = started.elapsed();
+    assert_eq!(alert["alert"], "help", "{alert}");
+    assert_eq!(alert["notebook"], "lesson1.ipynb", "{alert}");
+    assert!(alert["student"].to_string().contains(email), "{alert}");
+    eprintln!(
+        "POST to socket: cell run {:.0} ms, help alert {:.0} ms (debug build, shared machine)",
+        run_latency.as_secs_f64() * 1000.0,
+        help_latency.as_secs_f64() * 1000.0
+    );
+
+    // Three failures of one cell are a significant error.
+    for _ in 0..3 {
+        ingest
+            .post(
+                &token,
+                event(
+                    "cell_executed",
+                    email,
+                    json!({"cellId": "c2", "code": "1/0", "hasError": true}),
+                ),
+            )
+            .await?;
+    }
+    let alert = next_of(&mut ws, "alert").await?;
+    assert_eq!(alert["alert"], "significant_error", "{alert}");
+
+    // A dashboard opened now sees the same state in its snapshot, at the
+    // offset the first socket has reached.
+    let mut late = gateway.connect(&instructor).await?;
+    let snapshot = late.subscribe(class).await?;
+    let students = snapshot["students"].as_array().cloned().unwrap_or_default();
+    assert_eq!(students.len(), 1, "{snapshot}");
+    assert_eq!(students[0]["status"]["status"], "help", "{snapshot}");
+    assert_eq!(
+        students[0]["status"]["significantErrors"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{snapshot}"
+    );
+    // Nothing is in flight now: the first socket has everything up to the
+    // snapshot's offset.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(json!({"type": "ping"})).await?;
+    let mut last = alert["offset"].as_u64().unwrap_or_default();
+    loop {
+        let value = ws.json().await?;
+        if value["type"] == "pong" {
+            break;
+        }
+        last = value["offset"].as_u64().unwrap_or(last);
+    }
+    assert_eq!(snapshot["offset"].as_u64(), Some(last), "{snapshot}");
+
+    ingest.stop().await?;
+    gateway.stop().await
+}
