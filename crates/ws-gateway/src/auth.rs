@@ -33,6 +33,24 @@ struct Claims {
     iat: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     aud: Option<String>,
+    /// A ticket's session expiry: the `exp` of the token it was traded for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session_exp: Option<u64>,
+}
+
+/// An authenticated socket: who, and until when (Unix seconds) their
+/// token is good. The socket is closed then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub instructor: Uuid,
+    pub expires: u64,
+}
+
+impl Session {
+    /// The time left until the session expires.
+    pub fn remaining(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.expires.saturating_sub(unix_now()))
+    }
 }
 
 /// Why a request is not authenticated. Shown to the client as is.
@@ -78,15 +96,29 @@ impl Verifier {
 
     /// The instructor of an access token (never a ticket).
     pub fn instructor(&self, token: &str) -> Result<Uuid, AuthError> {
-        self.check(token, None)
+        Ok(self.session(token)?.instructor)
     }
 
-    /// The instructor of a ticket (never an access token).
-    pub fn ticket(&self, ticket: &str) -> Result<Uuid, AuthError> {
-        self.check(ticket, Some(TICKET_AUDIENCE))
+    /// The session of an access token (never a ticket).
+    pub fn session(&self, token: &str) -> Result<Session, AuthError> {
+        let (instructor, claims) = self.check(token, None)?;
+        Ok(Session {
+            instructor,
+            expires: claims.exp,
+        })
     }
 
-    fn check(&self, token: &str, audience: Option<&str>) -> Result<Uuid, AuthError> {
+    /// The session of a ticket (never an access token): it lasts as long
+    /// as the token the ticket was traded for.
+    pub fn ticket(&self, ticket: &str) -> Result<Session, AuthError> {
+        let (instructor, claims) = self.check(ticket, Some(TICKET_AUDIENCE))?;
+        Ok(Session {
+            instructor,
+            expires: claims.session_exp.unwrap_or(claims.exp),
+        })
+    }
+
+    fn check(&self, token: &str, audience: Option<&str>) -> Result<(Uuid, Claims), AuthError> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = self.leeway;
         if let Some(audience) = audience {
@@ -100,20 +132,26 @@ impl Verifier {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 kind => AuthError::Invalid(format!("{kind:?}")),
             })?;
-        Uuid::parse_str(&data.claims.sub)
-            .map_err(|_| AuthError::Invalid("sub is not an instructor id".into()))
+        let instructor = Uuid::parse_str(&data.claims.sub)
+            .map_err(|_| AuthError::Invalid("sub is not an instructor id".into()))?;
+        Ok((instructor, data.claims))
     }
 
-    /// A ticket for `instructor`, and its lifetime in seconds.
-    pub fn issue_ticket(&self, instructor: Uuid) -> Result<(String, u64), AuthError> {
-        let token = self.sign(instructor, self.ticket_seconds, Some(TICKET_AUDIENCE))?;
+    /// A ticket for a session, and its lifetime in seconds.
+    pub fn issue_ticket(&self, session: Session) -> Result<(String, u64), AuthError> {
+        let token = self.sign(
+            session.instructor,
+            self.ticket_seconds,
+            Some(TICKET_AUDIENCE),
+            Some(session.expires),
+        )?;
         Ok((token, self.ticket_seconds))
     }
 
     /// An access token for `instructor`, valid `seconds` (for tools and tests;
     /// production tokens come from the course's sign-in).
     pub fn issue_token(&self, instructor: Uuid, seconds: u64) -> Result<String, AuthError> {
-        self.sign(instructor, seconds, None)
+        self.sign(instructor, seconds, None, None)
     }
 
     fn sign(
@@ -121,6 +159,7 @@ impl Verifier {
         instructor: Uuid,
         seconds: u64,
         audience: Option<&str>,
+        session_exp: Option<u64>,
     ) -> Result<String, AuthError> {
         let now = unix_now();
         let claims = Claims {
@@ -128,6 +167,7 @@ impl Verifier {
             exp: now + seconds,
             iat: Some(now),
             aud: audience.map(str::to_owned),
+            session_exp,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Invalid(e.to_string()))
@@ -189,10 +229,15 @@ mod tests {
     fn tokens_and_tickets_do_not_mix() {
         let v = verifier();
         let who = Uuid::from_u128(7);
-        let token = v.issue_token(who, 60).unwrap();
-        let (ticket, _) = v.issue_ticket(who).unwrap();
+        let token = v.issue_token(who, 600).unwrap();
+        let session = v.session(&token).unwrap();
+        let (ticket, _) = v.issue_ticket(session).unwrap();
         assert_eq!(v.instructor(&token), Ok(who));
-        assert_eq!(v.ticket(&ticket), Ok(who));
+        assert_eq!(
+            v.ticket(&ticket),
+            Ok(session),
+            "a ticket lasts as its token"
+        );
         assert!(v.instructor(&ticket).is_err(), "a ticket is no token");
         assert!(v.ticket(&token).is_err(), "a token is no ticket");
     }
@@ -211,6 +256,7 @@ mod tests {
             exp: unix_now() - 120,
             iat: None,
             aud: None,
+            session_exp: None,
         };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -226,6 +272,7 @@ mod tests {
                 exp: unix_now() + 60,
                 iat: None,
                 aud: None,
+                session_exp: None,
             },
             &EncodingKey::from_secret(b"s3cret"),
         )

@@ -148,12 +148,12 @@ pub async fn upgrade(
             "this origin may not open a socket",
         ));
     }
-    let instructor = match (auth::protocol_token(&headers), query.ticket.as_deref()) {
-        (Some(token), _) => state.verifier.instructor(token),
+    let session = match (auth::protocol_token(&headers), query.ticket.as_deref()) {
+        (Some(token), _) => state.verifier.session(token),
         (None, Some(ticket)) => state.verifier.ticket(ticket),
         (None, None) => Err(AuthError::Missing),
     };
-    let instructor = instructor.inspect_err(|_| refuse("unauthorized"))?;
+    let session = session.inspect_err(|_| refuse("unauthorized"))?;
     let Ok(permit) = state.connections.clone().try_acquire_owned() else {
         refuse("capacity");
         return Err(ApiError::new(
@@ -171,7 +171,7 @@ pub async fn upgrade(
         .read_buffer_size(SOCKET_BUFFER_BYTES)
         .write_buffer_size(SOCKET_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            tracker.track_future(crate::socket::run(socket, instructor, state, permit))
+            tracker.track_future(crate::socket::run(socket, session, state, permit))
         }))
 }
 
@@ -185,8 +185,9 @@ pub async fn ticket(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let who = instructor(&state, &headers)?;
-    let (ticket, seconds) = state.verifier.issue_ticket(who)?;
+    let token = auth::bearer(&headers).ok_or(AuthError::Missing)?;
+    let session = state.verifier.session(token)?;
+    let (ticket, seconds) = state.verifier.issue_ticket(session)?;
     Ok(Json(json!({"ticket": ticket, "expiresInSeconds": seconds})))
 }
 

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::AppState;
+use crate::auth::Session;
 use crate::hub::{Frame, Outbox};
 use crate::protocol::{
     ClientMessage, ErrorCode, Position, ResyncReason, ServerMessage, SnapshotStudent,
@@ -40,6 +41,8 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// No message and no pong within the idle timeout.
     pub const NORMAL: u16 = 1000;
+    /// The token the socket was opened with expired.
+    pub const POLICY: u16 = 1008;
 }
 
 struct Subscription {
@@ -55,7 +58,7 @@ enum End {
     Close(u16, &'static str),
 }
 
-struct Session {
+struct Connection {
     state: AppState,
     socket: WebSocket,
     instructor: Uuid,
@@ -79,15 +82,17 @@ struct Session {
 /// connection limit until then.
 pub(crate) async fn run(
     socket: WebSocket,
-    instructor: Uuid,
+    session: Session,
     state: AppState,
     _permit: OwnedSemaphorePermit,
 ) {
+    let instructor = session.instructor;
+    let expires = Instant::now() + session.remaining();
     let config = state.config.clone();
     let (outbox, mut queue) = state.hub.outbox(config.queue_capacity);
     state.hub.add_user(instructor, &outbox);
     state.metrics.connections.inc();
-    let mut session = Session {
+    let mut conn = Connection {
         tokens: TokenBucket::new(
             config.client_messages_per_second,
             config.client_message_burst,
@@ -103,7 +108,7 @@ pub(crate) async fn run(
         pending: Vec::new(),
         written: 0,
     };
-    let end = session.serve(&mut queue).await;
+    let end = conn.serve(&mut queue, expires).await;
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code,
@@ -112,26 +117,25 @@ pub(crate) async fn run(
         // The closing handshake: send ours, then let the client answer
         // before the connection goes.
         let _ = tokio::time::timeout(crate::config::Config::ms(config.write_timeout_ms), async {
-            if session
-                .socket
-                .send(Message::Close(Some(frame)))
-                .await
-                .is_ok()
-            {
-                while let Some(Ok(_)) = session.socket.recv().await {}
+            if conn.socket.send(Message::Close(Some(frame))).await.is_ok() {
+                while let Some(Ok(_)) = conn.socket.recv().await {}
             }
         })
         .await;
     }
-    for class in &session.joined {
-        state.hub.leave(*class, session.outbox.id);
+    for class in &conn.joined {
+        state.hub.leave(*class, conn.outbox.id);
     }
-    state.hub.remove_user(instructor, session.outbox.id);
+    state.hub.remove_user(instructor, conn.outbox.id);
     state.metrics.connections.dec();
 }
 
-impl Session {
-    async fn serve(&mut self, queue: &mut tokio::sync::mpsc::Receiver<Frame>) -> End {
+impl Connection {
+    async fn serve(
+        &mut self,
+        queue: &mut tokio::sync::mpsc::Receiver<Frame>,
+        expires: Instant,
+    ) -> End {
         let config = self.state.config.clone();
         if let Err(end) = self.send_unread().await {
             return end;
@@ -148,6 +152,9 @@ impl Session {
                 biased;
                 () = self.state.shutdown.cancelled() => {
                     return End::Close(close::GOING_AWAY, "server shutting down");
+                }
+                () = tokio::time::sleep_until(expires) => {
+                    return End::Close(close::POLICY, "token expired");
                 }
                 () = signals.notified() => self.fell_behind().await,
                 received = queue.recv_many(&mut batch, config.write_batch.max(1)) => {

@@ -235,6 +235,32 @@ async fn ws_authz() -> anyhow::Result<()> {
         ws.expect("pong").await?;
     }
     assert_eq!(other.offsets(20).await?, seq(1, 20));
+
+    // An open socket does not outlive its token, and one opened with a
+    // ticket lives as long as the token the ticket came from.
+    let short = gateway.verifier.issue_token(me, 2)?;
+    let mut ws = gateway.connect(&short).await?;
+    ws.subscribe(mine).await?;
+    let ticket: serde_json::Value = http
+        .post(format!("{}/api/v1/ws-ticket", gateway.http()))
+        .bearer_auth(&short)
+        .send()
+        .await?
+        .json()
+        .await?;
+    let ticket = ticket["ticket"].as_str().unwrap_or_default().to_owned();
+    let mut by_short_ticket = Ws::connect(&format!("{url}?ticket={ticket}"), None, None).await?;
+    for ws in [&mut ws, &mut by_short_ticket] {
+        loop {
+            match ws.next().await? {
+                Next::Closed(code) => {
+                    assert_eq!(code, Some(1008), "closed at expiry");
+                    break;
+                }
+                Next::Json(_) => {}
+            }
+        }
+    }
     gateway.stop().await
 }
 
