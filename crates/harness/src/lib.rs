@@ -38,6 +38,7 @@
 
 pub mod backend;
 pub mod docker;
+pub mod fanout;
 pub mod fixture;
 pub mod influx;
 pub mod load;

@@ -49,12 +49,26 @@ pub struct LoadReport {
     pub wall_s: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Percentiles {
     pub p50: f64,
     pub p95: f64,
     pub p99: f64,
     pub max: f64,
+}
+
+impl Percentiles {
+    /// From a histogram of microseconds.
+    pub fn from_micros(histogram: &Histogram<u64>) -> Self {
+        let ms = |v: u64| v as f64 / 1000.0;
+        Self {
+            p50: ms(histogram.value_at_quantile(0.50)),
+            p95: ms(histogram.value_at_quantile(0.95)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            max: ms(histogram.max()),
+        }
+    }
 }
 
 struct Tally {
@@ -185,19 +199,13 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(LoadReport, Ledger)> {
     let wall = started.elapsed().as_secs_f64();
     let mut tally = tally.lock().await;
     let ledger = std::mem::take(&mut tally.ledger);
-    let ms = |q: f64| tally.histogram.value_at_quantile(q) as f64 / 1000.0;
     let report = LoadReport {
         offered_events_per_s: f64::from(spec.rate),
         accepted_events_per_s: tally.accepted_events as f64 / wall,
         requests: total,
         late_starts: late,
         status_counts: tally.statuses.clone(),
-        latency_ms: Percentiles {
-            p50: ms(0.50),
-            p95: ms(0.95),
-            p99: ms(0.99),
-            max: tally.histogram.max() as f64 / 1000.0,
-        },
+        latency_ms: Percentiles::from_micros(&tally.histogram),
         wall_s: wall,
     };
     Ok((report, ledger))

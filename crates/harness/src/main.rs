@@ -86,6 +86,40 @@ enum Cmd {
         #[arg(long)]
         ledger: Option<PathBuf>,
     },
+    /// Benchmark a gateway's fan-out: open dashboard sockets on a class of
+    /// the benchmark's own, publish live messages into Redis at a fixed
+    /// rate, and report the delivery latency from publication to socket
+    /// (JSON on stdout). Defaults come from the variables `harness up`
+    /// prints.
+    Fanout {
+        /// The gateway's socket URL.
+        #[arg(long, env = "CELLMON_GATEWAY_URL")]
+        url: String,
+        #[arg(long, env = "CELLMON_REDIS_URL")]
+        redis_url: String,
+        /// The Redis key prefix the gateway uses.
+        #[arg(long, default_value = "cellmon:")]
+        prefix: String,
+        /// The database the gateway reads (the benchmark adds its class
+        /// and instructor there).
+        #[arg(long, env = "CELLMON_DATABASE_URL")]
+        postgres_url: String,
+        /// The gateway's JWT secret.
+        #[arg(long, env = "CELLMON_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
+        #[arg(long, default_value_t = 100)]
+        sockets: usize,
+        /// Live messages per second (0: open the sockets, hold, measure
+        /// memory).
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Seconds to publish.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// The gateway's process id, to report its memory.
+        #[arg(long)]
+        gateway_pid: Option<u32>,
+    },
     /// Check a ledger against Postgres and InfluxDB: lost, duplicates and
     /// unexpected events per sink, and their agreement per student and
     /// event type. Exits with 1 when the check fails. Defaults come from
@@ -194,6 +228,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     path.display()
                 );
             }
+            use std::io::Write as _;
+            writeln!(
+                std::io::stdout().lock(),
+                "{}",
+                serde_json::to_string_pretty(&report)?
+            )?;
+        }
+        Cmd::Fanout {
+            url,
+            redis_url,
+            prefix,
+            postgres_url,
+            jwt_secret,
+            sockets,
+            rate,
+            duration,
+            gateway_pid,
+        } => {
+            let spec = cellmon_harness::fanout::FanoutSpec {
+                url,
+                redis_url,
+                prefix,
+                postgres_url,
+                jwt_secret,
+                sockets,
+                rate,
+                duration: Duration::from_secs(duration),
+                gateway_pid,
+            };
+            eprintln!("{sockets} sockets, {rate} live messages/s for {duration} s ...");
+            let report = cellmon_harness::fanout::run(spec).await?;
             use std::io::Write as _;
             writeln!(
                 std::io::stdout().lock(),

@@ -14,7 +14,7 @@ async fn up_prints_working_urls_and_ctrl_c_removes_the_backends() -> anyhow::Res
     let env_file = dir.join("backends.env");
     let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
         .arg("up")
-        .args(["--ingest-port", "0"])
+        .args(["--ingest-port", "0", "--gateway-port", "0"])
         .arg("--env-file")
         .arg(&env_file)
         .stdout(std::process::Stdio::null())
@@ -114,6 +114,35 @@ async fn up_prints_working_urls_and_ctrl_c_removes_the_backends() -> anyhow::Res
         report.contains("influxdb: stored 401 lost 0 duplicates 0 unexpected 0"),
         "{report}"
     );
+
+    // The gateway `harness up` runs serves dashboards: a short fan-out
+    // run with the printed settings reaches every socket.
+    let mut fanout = Command::new(env!("CARGO_BIN_EXE_harness"));
+    fanout.args([
+        "fanout",
+        "--sockets",
+        "5",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+    ]);
+    for line in env.lines() {
+        if let Some((key, value)) = line.split_once('=') {
+            fanout.env(key, value);
+        }
+    }
+    let output = fanout.output().await?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(report["published"], 200, "{report}");
+    assert_eq!(report["delivered"], 1000, "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["resynced_sockets"], 0, "{report}");
 
     let docker = Docker::connect().await?;
     assert_eq!(owned_by(&docker, pid).await?, 3);
