@@ -188,7 +188,7 @@ pub async fn run(spec: FanoutSpec) -> anyhow::Result<FanoutReport> {
     }
     let seconds = publishing.elapsed().as_secs_f64();
 
-    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut report = FanoutReport {
         sockets: readers.len(),
         connect_seconds,
@@ -257,7 +257,7 @@ async fn read(
     last: u64,
 ) -> anyhow::Result<Reader> {
     let mut reader = Reader {
-        histogram: Histogram::new(3)?,
+        histogram: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         delivered: 0,
         resynced: false,
         closed: false,
