@@ -109,6 +109,10 @@ pub struct PersisterSettings {
     pub retry_max_ms: u64,
     /// How often streams are trimmed below what every group still needs.
     pub trim_interval_ms: u64,
+    /// How often students whose status can change by time alone (going
+    /// idle, a help request lapsing) are recomputed, when nothing else
+    /// recomputed them for that long.
+    pub status_sweep_ms: u64,
 }
 
 impl Default for PersisterSettings {
@@ -130,6 +134,7 @@ impl Default for PersisterSettings {
             retry_initial_ms: 100,
             retry_max_ms: 5_000,
             trim_interval_ms: 10_000,
+            status_sweep_ms: 15_000,
         }
     }
 }

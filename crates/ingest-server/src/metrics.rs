@@ -39,6 +39,7 @@ pub struct PersistMetrics {
     pub running: IntGaugeVec,
     pub status_failures: IntCounter,
     pub trimmed: IntCounter,
+    pub swept: IntCounter,
     pub live_messages: IntCounterVec,
 }
 
@@ -126,7 +127,12 @@ impl PersistMetrics {
         registry.register(Box::new(backlog.clone()))?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(status_failures.clone()))?;
+        let swept = IntCounter::new(
+            "cellmon_status_swept_total",
+            "Students recomputed by the status sweep (time alone can change a status)",
+        )?;
         registry.register(Box::new(trimmed.clone()))?;
+        registry.register(Box::new(swept.clone()))?;
         registry.register(Box::new(live_messages.clone()))?;
         Ok(Self {
             batch_size,
@@ -139,6 +145,7 @@ impl PersistMetrics {
             running,
             status_failures,
             trimmed,
+            swept,
             live_messages,
         })
     }

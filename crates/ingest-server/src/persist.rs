@@ -255,7 +255,14 @@ pub async fn run(
         metrics.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(maintain(control, keys, settings, metrics, shutdown.clone()));
+    tasks.spawn(maintain(
+        pool.clone(),
+        control,
+        keys,
+        settings,
+        metrics,
+        shutdown.clone(),
+    ));
     while let Some(ended) = tasks.join_next().await {
         // Tasks end only when asked to; anything else (a panic) must not
         // leave a persister that looks alive and persists nothing.
@@ -600,8 +607,14 @@ impl Worker<'_> {
     }
 }
 
-/// Keeps the backlog gauges fresh and trims the streams.
+/// Most students recomputed by one sweep.
+const SWEEP_BATCH: i64 = 1_000;
+
+/// Keeps the backlog gauges fresh, trims the streams, and sweeps statuses
+/// that time alone changes (nothing else recomputes a student who stopped
+/// sending events).
 async fn maintain(
+    pool: PgPool,
     mut control: ConnectionManager,
     keys: StreamKeys,
     settings: PersisterSettings,
@@ -610,6 +623,8 @@ async fn maintain(
 ) {
     let trim_interval = Duration::from_millis(settings.trim_interval_ms.max(100));
     let mut next_trim = Instant::now() + trim_interval;
+    let sweep_interval = Duration::from_millis(settings.status_sweep_ms.max(100));
+    let mut next_sweep = Instant::now() + sweep_interval;
     loop {
         match consumer::backlogs(&mut control, &keys).await {
             Ok(backlogs) => {
@@ -630,7 +645,23 @@ async fn maintain(
                 Err(error) => tracing::warn!(%error, "trimming the streams failed"),
             }
         }
-        if pause_or_stop(Duration::from_secs(1), &mut shutdown).await {
+        if Instant::now() >= next_sweep {
+            next_sweep = Instant::now() + sweep_interval;
+            match status::due_for_sweep(&pool, sweep_interval, SWEEP_BATCH).await {
+                Ok(students) if !students.is_empty() => {
+                    let swept =
+                        publish_status(&pool, &mut control, &keys, &metrics, &students).await;
+                    match swept {
+                        Ok(()) => metrics.swept.inc_by(students.len() as u64),
+                        Err(error) => tracing::warn!(?error, "status sweep failed"),
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::debug!(%error, "status sweep skipped"),
+            }
+        }
+        let pause = sweep_interval.min(Duration::from_secs(1));
+        if pause_or_stop(pause, &mut shutdown).await {
             return;
         }
     }

@@ -722,3 +722,69 @@ async fn retries_without_event_time_are_one_event() -> anyhow::Result<()> {
     assert_eq!(metric(&text, "cellmon_events_accepted_total"), Some(2.0));
     Ok(())
 }
+
+/// A student who stops sending events goes idle on the dashboards: the
+/// sweep recomputes statuses that time alone changes and publishes them.
+#[tokio::test]
+async fn a_student_who_stops_goes_idle_on_the_live_channel() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let tune = persisting(&backends);
+    let ingest = Ingest::start(&backends, move |config| {
+        tune(config);
+        config.persister.status_sweep_ms = 300;
+    })
+    .await?;
+    let now =
+        time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
+    let event = serde_json::json!({
+        "eventId": uuid::Uuid::new_v4().to_string(), "eventType": "cell_executed",
+        "eventTime": now, "emailAddress": "sleepy@example.ac.jp",
+        "notebookPath": "lesson1.ipynb", "cellId": "c1", "code": "x", "hasError": false,
+    });
+    let mut ledger = Ledger::new();
+    send_all(&ingest.events_url(), &[event], 1, 1, &mut ledger).await?;
+    let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
+    let status = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, String>("SELECT status FROM student_status")
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while status(pool.clone()).await.as_deref() != Some("active") {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The class considers a student idle after one second.
+    sqlx::query("UPDATE classes SET idle_after_seconds = 1 WHERE id = $1")
+        .bind(ingest.class_id.0)
+        .execute(&pool)
+        .await?;
+    while status(pool.clone()).await.as_deref() != Some("idle") {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never idle");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The change went out on the live channel as the class's last message.
+    let mut redis = redis::Client::open(backends.redis_url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let (epoch, _) = cellmon_bus::live::position(&mut redis, &ingest.keys, ingest.class_id).await?;
+    let cellmon_bus::live::Since::Messages(messages) =
+        cellmon_bus::live::since(&mut redis, &ingest.keys, ingest.class_id, &epoch, 0).await?
+    else {
+        anyhow::bail!("the class's history is gone");
+    };
+    let last = messages.last().map(|m| &m.body);
+    assert!(
+        matches!(
+            last,
+            Some(cellmon_domain::live::LiveBody::StudentUpdate { status, .. })
+                if status.status == cellmon_domain::status::Status::Idle
+        ),
+        "{messages:?}"
+    );
+    let text = ingest.metrics().await?;
+    assert!(metric(&text, "cellmon_status_swept_total").unwrap_or(0.0) >= 1.0);
+    Ok(())
+}

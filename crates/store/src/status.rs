@@ -339,6 +339,26 @@ impl Recomputed {
     }
 }
 
+/// Students whose stored status may have changed by time alone (an
+/// active student going idle, a help request lapsing): not idle, and not
+/// recomputed for `stale`. At most `limit`, oldest first.
+pub async fn due_for_sweep(
+    pool: &PgPool,
+    stale: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<StudentId>, StoreError> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT student_id FROM student_status
+         WHERE status <> 'idle' AND computed_at < now() - make_interval(secs => $1)
+         ORDER BY computed_at LIMIT $2",
+    )
+    .bind(stale.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().map(StudentId).collect())
+}
+
 /// Records an instructor's dismissal of the help request that contains the
 /// `help` event `through` (the newest one they saw).
 pub async fn dismiss_help(
