@@ -128,9 +128,11 @@ pub struct UpgradeQuery {
     ticket: Option<String>,
 }
 
-/// The read and write buffers of a socket (the library's default is
-/// 128 KiB each, which a thousand sockets would feel).
-const SOCKET_BUFFER_BYTES: usize = 16 * 1024;
+/// The read buffer of a socket: dashboards send a few small messages (the
+/// library's default, 128 KiB, is what a thousand sockets would feel).
+const SOCKET_READ_BUFFER_BYTES: usize = 4 * 1024;
+/// The write buffer of a socket, filled by a batch before a flush.
+const SOCKET_WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// `GET /ws`: Origin, capacity and token are checked before `101`.
 pub async fn upgrade(
@@ -168,8 +170,8 @@ pub async fn upgrade(
         .protocols([auth::PROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(SOCKET_BUFFER_BYTES)
-        .write_buffer_size(SOCKET_BUFFER_BYTES)
+        .read_buffer_size(SOCKET_READ_BUFFER_BYTES)
+        .write_buffer_size(SOCKET_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             tracker.track_future(crate::socket::run(socket, session, state, permit))
         }))
