@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cellmon_domain::lms::ClassId;
-use figment::Figment;
-use figment::providers::{Env, Format as _, Serialized, Toml};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
@@ -223,20 +221,14 @@ impl Default for Config {
 impl Config {
     /// Defaults, then `file` when given, then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
-        }
-        figment
-            // CELLMON_INGEST_CONFIG names the file; URL and TOKEN are what
-            // `harness up` prints for clients. None is a setting.
-            .merge(
-                Env::prefixed("CELLMON_INGEST_")
-                    .ignore(&["config", "url", "token"])
-                    .split("__"),
-            )
-            .extract()
-            .map_err(Box::new)
+        // CELLMON_INGEST_CONFIG names the file; URL and TOKEN are what
+        // `harness up` prints for clients.
+        cellmon_service::load_config(
+            Config::default(),
+            file,
+            "CELLMON_INGEST_",
+            &["config", "url", "token"],
+        )
     }
 
     pub fn redis_timeout(&self) -> Duration {

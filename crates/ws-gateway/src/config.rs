@@ -6,8 +6,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Env, Format as _, Serialized, Toml};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
@@ -109,21 +107,15 @@ impl Default for Config {
 
 impl Config {
     pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
-        }
-        figment
-            // CELLMON_GATEWAY_CONFIG names the file; the URLs are what
-            // `harness up` prints for clients. None is a setting.
-            .merge(
-                Env::prefixed("CELLMON_GATEWAY_")
-                    .ignore(&["config", "url", "http_url"])
-                    .split("__"),
-            )
-            .extract::<Self>()
-            .map_err(Box::new)?
-            .checked()
+        // CELLMON_GATEWAY_CONFIG names the file; the URLs are what
+        // `harness up` prints for clients.
+        cellmon_service::load_config(
+            Config::default(),
+            file,
+            "CELLMON_GATEWAY_",
+            &["config", "url", "http_url"],
+        )?
+        .checked()
     }
 
     /// Refuses settings the gateway cannot run with.

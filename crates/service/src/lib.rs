@@ -1,0 +1,149 @@
+//! What Cell Monitor's server binaries share, so each `main.rs` only names
+//! its configuration and its `serve`:
+//!
+//! * [`load_config`]: defaults, then an optional TOML file, then
+//!   `<PREFIX>*` environment variables (nested keys with `__`);
+//! * [`run`]: logging, arguments (`--config FILE`), the runtime, the
+//!   listener, and SIGINT/SIGTERM as the shutdown signal. A bad
+//!   configuration exits with status 64 and says what is wrong.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::ExitCode;
+
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Toml};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The exit status of a bad configuration or command line (EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// `defaults`, then `file` when given, then the variables starting with
+/// `env_prefix` except the `ignored` ones (lower case, without the prefix):
+/// those name the file or are what tools print for clients, not settings.
+pub fn load_config<T: Serialize + DeserializeOwned>(
+    defaults: T,
+    file: Option<&Path>,
+    env_prefix: &str,
+    ignored: &[&str],
+) -> Result<T, Box<figment::Error>> {
+    let mut figment = Figment::from(Serialized::defaults(defaults));
+    if let Some(file) = file {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    figment
+        .merge(Env::prefixed(env_prefix).ignore(ignored).split("__"))
+        .extract()
+        .map_err(Box::new)
+}
+
+/// Logs to stderr: JSON when `CELLMON_LOG_FORMAT=json`, the filter from
+/// `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let json = std::env::var("CELLMON_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// The shutdown signal handed to `serve`.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A server binary: its name, the variable naming its config file, and
+/// where its settings are documented.
+#[derive(Debug, Clone, Copy)]
+pub struct Binary {
+    pub name: &'static str,
+    pub config_var: &'static str,
+    pub docs: &'static str,
+}
+
+/// The whole `main` of a server binary: logging, `--config FILE` (or the
+/// binary's config variable), `load`, a multi-threaded runtime, a listener
+/// on `listen(&config)`, and `serve` until SIGINT or SIGTERM.
+pub fn run<C, Fut>(
+    binary: Binary,
+    load: impl FnOnce(Option<&Path>) -> Result<C, Box<figment::Error>>,
+    listen: impl FnOnce(&C) -> SocketAddr,
+    serve: impl FnOnce(C, tokio::net::TcpListener, Shutdown) -> Fut,
+) -> ExitCode
+where
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    init_tracing();
+    let name = binary.name;
+    let mut args = std::env::args().skip(1);
+    let mut file = std::env::var_os(binary.config_var).map(PathBuf::from);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => file = args.next().map(PathBuf::from),
+            "--help" | "-h" => {
+                eprintln!(
+                    "usage: {name} [--config FILE]   (settings: {})",
+                    binary.docs
+                );
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("{name}: unknown argument {other:?}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        }
+    }
+    let config = match load(file.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{name}: bad configuration: {error}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{name}: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listen(&config);
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        serve(config, listener, Box::pin(shutdown_signal())).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
