@@ -19,14 +19,24 @@ use crate::keys::StreamKeys;
 /// How many messages a class's history keeps (about; trimming is lazy).
 pub const HISTORY_CAP: u64 = 10_000;
 
-const PUBLISH: &str = r#"
+/// Lua: the class's epoch in `epoch`, starting one (`ARGV[1]`, with an
+/// empty history) when the class has none.
+macro_rules! ensure_epoch {
+    () => {
+        r#"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
 end
-local last = 0
+"#
+    };
+}
+
+const PUBLISH: &str = concat!(
+    ensure_epoch!(),
+    r#"local last = 0
 for i = 4, #ARGV do
   last = redis.call('HINCRBY', KEYS[2], 'offset', 1)
   local msg = '{"epoch":"' .. epoch .. '","offset":' .. last .. ',' .. string.sub(ARGV[i], 2)
@@ -34,17 +44,13 @@ for i = 4, #ARGV do
   redis.call('PUBLISH', ARGV[3], msg)
 end
 return {epoch, last}
-"#;
+"#
+);
 
-const POSITION: &str = r#"
-local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
-end
-return {epoch, tonumber(redis.call('HGET', KEYS[2], 'offset'))}
-"#;
+const POSITION: &str = concat!(
+    ensure_epoch!(),
+    "return {epoch, tonumber(redis.call('HGET', KEYS[2], 'offset'))}\n"
+);
 
 /// Why publishing failed.
 #[derive(Debug, thiserror::Error)]

@@ -299,8 +299,9 @@ async fn read(
     }
 }
 
-/// A student update, for one of 100 students.
-fn update(class: ClassId, n: u64) -> Unnumbered {
+/// A student update for one of 100 students, as the persister would publish
+/// it; `n` is its execution count.
+pub fn update(class: ClassId, n: u64) -> Unnumbered {
     let student = n % 100;
     Unnumbered {
         class_id: class,

@@ -228,12 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     path.display()
                 );
             }
-            use std::io::Write as _;
-            writeln!(
-                std::io::stdout().lock(),
-                "{}",
-                serde_json::to_string_pretty(&report)?
-            )?;
+            print_json(&report)?;
         }
         Cmd::Fanout {
             url,
@@ -259,12 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             eprintln!("{sockets} sockets, {rate} live messages/s for {duration} s ...");
             let report = cellmon_harness::fanout::run(spec).await?;
-            use std::io::Write as _;
-            writeln!(
-                std::io::stdout().lock(),
-                "{}",
-                serde_json::to_string_pretty(&report)?
-            )?;
+            print_json(&report)?;
         }
         Cmd::Verify {
             ledger,
@@ -461,6 +451,17 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16, gateway_port: u16) -> a
     stack.shutdown().await?;
     let _ = std::fs::remove_dir_all(&spool_dir);
     eprintln!("backends removed");
+    Ok(())
+}
+
+/// A report as pretty JSON on stdout.
+fn print_json(report: &impl serde::Serialize) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string_pretty(report)?
+    )?;
     Ok(())
 }
 

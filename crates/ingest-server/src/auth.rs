@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use cellmon_domain::lms::ClassId;
+use cellmon_store::classes::token_digest as digest;
 use secrecy::ExposeSecret as _;
-use sha2::{Digest as _, Sha256};
 
 use crate::config::Config;
 
@@ -35,8 +35,4 @@ impl Tokens {
             None => self.open_class,
         }
     }
-}
-
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }

@@ -118,20 +118,25 @@ impl Config {
         .checked()
     }
 
-    /// Refuses settings the gateway cannot run with.
     fn checked(self) -> Result<Self, Box<figment::Error>> {
+        match self.problem() {
+            Some(problem) => Err(Box::new(figment::Error::from(problem.to_owned()))),
+            None => Ok(self),
+        }
+    }
+
+    /// What makes these settings unusable, if anything.
+    pub fn problem(&self) -> Option<&'static str> {
         use secrecy::ExposeSecret as _;
-        let refuse = |message: &str| Err(Box::new(figment::Error::from(message.to_owned())));
         if self.jwt_secret.expose_secret().is_empty() {
-            return refuse("jwt_secret is not set: instructors' tokens could not be checked");
+            Some("jwt_secret is not set: instructors' tokens could not be checked")
+        } else if self.queue_capacity == 0 || self.write_batch == 0 || self.max_subscriptions == 0 {
+            Some("queue_capacity, write_batch and max_subscriptions must be at least 1")
+        } else if self.idle_timeout_ms <= self.heartbeat_ms {
+            Some("idle_timeout_ms must be longer than heartbeat_ms")
+        } else {
+            None
         }
-        if self.queue_capacity == 0 || self.write_batch == 0 || self.max_subscriptions == 0 {
-            return refuse("queue_capacity, write_batch and max_subscriptions must be at least 1");
-        }
-        if self.idle_timeout_ms <= self.heartbeat_ms {
-            return refuse("idle_timeout_ms must be longer than heartbeat_ms");
-        }
-        Ok(self)
     }
 
     pub(crate) fn ms(value: u64) -> Duration {

@@ -144,10 +144,9 @@ async fn metrics(State(state): State<AppState>) -> String {
 /// Builds the shared state. Neither Redis nor Postgres need be up yet:
 /// connections are made on first use.
 pub fn state(config: Config, metrics: Metrics) -> anyhow::Result<AppState> {
-    anyhow::ensure!(
-        !config.jwt_secret.expose_secret().is_empty(),
-        "jwt_secret is not set: instructors' tokens could not be checked"
-    );
+    if let Some(problem) = config.problem() {
+        anyhow::bail!("bad configuration: {problem}");
+    }
     let client = redis::Client::open(config.redis_url.expose_secret())
         .map_err(|e| anyhow::anyhow!("bad Redis URL: {e}"))?;
     let timeout = Config::ms(config.redis_timeout_ms);

@@ -287,52 +287,49 @@ impl Connection {
         self.subs.remove(&class);
         self.joined.insert(class);
         self.state.hub.join(class, &self.outbox);
-        let mut redis = self.state.redis.clone();
-        if let Some(since) = since {
-            let position = live::position(&mut redis, &self.state.keys, class).await;
-            let resumable = match position {
-                Ok((epoch, offset)) => epoch == since.epoch && since.offset <= offset,
-                Err(error) => return self.unavailable(class, &error.to_string()).await,
-            };
-            if resumable {
-                let missed = live::since(
-                    &mut redis,
-                    &self.state.keys,
-                    class,
-                    &since.epoch,
-                    since.offset,
-                )
-                .await;
-                match missed {
-                    Ok(Since::Messages(missed)) => {
-                        let mut offset = since.offset;
-                        for message in missed {
-                            offset = message.offset;
-                            self.send_live(&message).await?;
-                        }
-                        self.state.hub.seen(class, &since.epoch, offset);
-                        self.subs.insert(
-                            class,
-                            Subscription {
-                                epoch: since.epoch.clone(),
-                                offset,
-                            },
-                        );
-                        return self
-                            .send(&ServerMessage::Subscribed {
-                                class_id: class,
-                                epoch: since.epoch,
-                                offset,
-                            })
-                            .await;
-                    }
-                    Ok(Since::Gone) => {}
-                    Err(error) => return self.unavailable(class, &error.to_string()).await,
-                }
-            }
-            return self.restart(class, ResyncReason::Gone).await;
+        match since {
+            Some(since) => self.resume(class, since).await,
+            None => self.snapshot(class).await,
         }
-        self.snapshot(class).await
+    }
+
+    /// Sends what the class published after `since`, then `subscribed`;
+    /// or, when that is no longer kept (another epoch, trimmed, a point
+    /// past the end), `resync` and a snapshot.
+    async fn resume(&mut self, class: ClassId, since: Position) -> Result<(), End> {
+        let mut redis = self.state.redis.clone();
+        let missed = live::since(
+            &mut redis,
+            &self.state.keys,
+            class,
+            &since.epoch,
+            since.offset,
+        )
+        .await;
+        let missed = match missed {
+            Ok(Since::Messages(missed)) => missed,
+            Ok(Since::Gone) => return self.restart(class, ResyncReason::Gone).await,
+            Err(error) => return self.unavailable(class, &error.to_string()).await,
+        };
+        let mut offset = since.offset;
+        for message in missed {
+            offset = message.offset;
+            self.send_live(&message).await?;
+        }
+        self.state.hub.seen(class, &since.epoch, offset);
+        self.subs.insert(
+            class,
+            Subscription {
+                epoch: since.epoch.clone(),
+                offset,
+            },
+        );
+        self.send(&ServerMessage::Subscribed {
+            class_id: class,
+            epoch: since.epoch,
+            offset,
+        })
+        .await
     }
 
     fn leave(&mut self, class: ClassId) {

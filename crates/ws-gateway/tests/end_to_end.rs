@@ -95,6 +95,15 @@ fn event(kind: &str, email: &str, extra: Value) -> Value {
     event
 }
 
+/// A run of `cell`, failed or not.
+fn run(email: &str, cell: &str, failed: bool) -> Value {
+    event(
+        "cell_executed",
+        email,
+        json!({"cellId": cell, "code": "print(1)", "hasError": failed}),
+    )
+}
+
 /// The next message of `kind`, skipping others (the persister may send a
 /// `student_update` before an `alert`, or more than one).
 async fn next_of(ws: &mut common::Ws, kind: &str) -> anyhow::Result<Value> {
@@ -120,16 +129,7 @@ async fn an_event_posted_to_ingest_reaches_the_instructor_socket() -> anyhow::Re
     assert_eq!(snapshot["students"], json!([]));
 
     let started = Instant::now();
-    ingest
-        .post(
-            &token,
-            event(
-                "cell_executed",
-                email,
-                json!({"cellId": "c1", "code": "print(1)", "hasError": false}),
-            ),
-        )
-        .await?;
+    ingest.post(&token, run(email, "c1", false)).await?;
     let update = ws.expect("student_update").await?;
     let run_latency = started.elapsed();
     assert_eq!(update["classId"], class.to_string());
@@ -152,16 +152,7 @@ async fn an_event_posted_to_ingest_reaches_the_instructor_socket() -> anyhow::Re
 
     // Three failures of one cell are a significant error.
     for _ in 0..3 {
-        ingest
-            .post(
-                &token,
-                event(
-                    "cell_executed",
-                    email,
-                    json!({"cellId": "c2", "code": "1/0", "hasError": true}),
-                ),
-            )
-            .await?;
+        ingest.post(&token, run(email, "c2", true)).await?;
     }
     let alert = next_of(&mut ws, "alert").await?;
     assert_eq!(alert["alert"], "significant_error", "{alert}");

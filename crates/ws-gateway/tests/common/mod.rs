@@ -8,11 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cellmon_bus::StreamKeys;
-use cellmon_domain::event::StudentKey;
-use cellmon_domain::fields::Email;
-use cellmon_domain::live::{LiveBody, StudentRef, Unnumbered};
+use cellmon_domain::live::Unnumbered;
 use cellmon_domain::lms::{ClassId, StudentId};
-use cellmon_domain::status::{Status, StudentStatus};
 use cellmon_gateway::auth::Verifier;
 use cellmon_gateway::metrics::Metrics;
 use cellmon_gateway::{AppState, Config};
@@ -172,31 +169,9 @@ impl Drop for Gateway {
     }
 }
 
-/// A student update whose `executions` is `n`, for student `n % 7`.
+/// A student update whose `executions` is `n`.
 pub(crate) fn update(class: ClassId, n: u32) -> Unnumbered {
-    let student = n % 7;
-    Unnumbered {
-        class_id: class,
-        body: LiveBody::StudentUpdate {
-            student: StudentRef {
-                id: StudentId(Uuid::from_u128(u128::from(student) + 1)),
-                key: StudentKey::Email(
-                    Email::parse(&format!("s{student}@example.ac.jp")).expect("valid e-mail"),
-                ),
-                name: None,
-                team: None,
-            },
-            status: StudentStatus {
-                status: Status::Active,
-                help: Vec::new(),
-                significant_errors: Vec::new(),
-                last_execution_failed: false,
-                last_activity: None,
-                executions: n,
-                failed_executions: 0,
-            },
-        },
-    }
+    cellmon_harness::fanout::update(class, u64::from(n))
 }
 
 /// Polls `check` every 20 ms until it is true, for at most [`WAIT`].
