@@ -37,6 +37,7 @@
 //! ```
 
 pub mod backend;
+pub mod chaos;
 pub mod docker;
 pub mod fanout;
 pub mod fixture;
@@ -44,8 +45,10 @@ pub mod influx;
 pub mod load;
 pub mod pg;
 pub mod proxy;
+pub mod report;
 pub mod stack;
 pub mod supervise;
+pub mod system;
 pub mod verify;
 
 use std::future::Future;

@@ -7,14 +7,17 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use cellmon_domain::lms::ClassId;
-use cellmon_harness::backend::BackendKind;
+use cellmon_harness::chaos::{self, ChaosSpec, Scenario};
 use cellmon_harness::docker::Docker;
 use cellmon_harness::influx::InfluxClient;
-use cellmon_harness::stack::Stack;
+use cellmon_harness::load::behaviour::Behaviour;
+use cellmon_harness::load::sampler::{SamplerSpec, port_of};
+use cellmon_harness::load::subscriber::GatewaySpec;
+use cellmon_harness::load::{LoadSpec, PhaseSpec, Targets};
+use cellmon_harness::report::Report;
 use cellmon_harness::supervise;
+use cellmon_harness::system::LocalSystem;
 use cellmon_harness::verify::{self, Ledger};
-use cellmon_ingest::config::ClassToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -57,34 +60,37 @@ enum Cmd {
         #[arg(long, hide = true, requires = "serve")]
         log_file: Option<PathBuf>,
     },
-    /// Offer an open-loop load to an ingest server and report accepted
-    /// events/s and latency percentiles (JSON on stdout).
-    Load {
-        /// Events URL, e.g. http://127.0.0.1:8080/api/v1/events?token=...
-        #[arg(long)]
-        url: String,
-        /// Events per second offered.
-        #[arg(long, default_value_t = 1000)]
-        rate: u32,
-        /// Events per request.
-        #[arg(long, default_value_t = 1)]
-        batch: u32,
-        /// Seconds to run.
-        #[arg(long, default_value_t = 20)]
+    /// Simulate a class against a running system (`harness up`, or any
+    /// URL): staged phases of students (10, 25, 50, 75, 100, then more until
+    /// a phase misses the targets), open-loop; then the ledger check and a
+    /// report (report.json, report.html, report.md). Exits with 1 when the
+    /// run misses the targets or the ledger check fails.
+    Load(Box<LoadArgs>),
+    /// Run a fault scenario of RELIABILITY.md under a fixed load on a system
+    /// of its own (fresh backends), then the ledger check; writes the same
+    /// report as `load`, with the fault shaded. Exits with 1 on failure.
+    Chaos {
+        /// REDIS-KILL, REDIS-HANG, PG-KILL, PG-SLOW or INFLUX-DOWN.
+        scenario: String,
+        /// Events per second, one per request.
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        /// Seconds of load; the fault is on during the middle third.
+        #[arg(long, default_value_t = 30)]
         duration: u64,
-        /// Most requests in flight.
-        #[arg(long, default_value_t = 256)]
-        max_in_flight: usize,
-        /// Students the events are spread over.
-        #[arg(long, default_value_t = 100)]
-        students: u32,
-        /// Client addresses (127.0.1.1 ...) the requests come from.
-        #[arg(long, default_value_t = 100)]
-        clients: u8,
-        /// Write the ledger (every event id and its outcome, JSON Lines)
-        /// here, for `harness verify`.
+        /// Accept latency p95 target, ms (default: 500; REDIS-HANG: the
+        /// Redis timeout + 100 ms).
         #[arg(long)]
-        ledger: Option<PathBuf>,
+        p95_ms: Option<f64>,
+        /// Most refused or unanswered share of events.
+        #[arg(long, default_value_t = 0.001)]
+        max_error_rate: f64,
+        /// Directory for the report files.
+        #[arg(long, default_value = "chaos-report")]
+        out: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Benchmark a gateway's fan-out: open dashboard sockets on a class of
     /// the benchmark's own, publish live messages into Redis at a fixed
@@ -125,7 +131,8 @@ enum Cmd {
     /// event type. Exits with 1 when the check fails. Defaults come from
     /// the variables `harness up` prints.
     Verify {
-        /// The ledger written by `harness load --ledger`; repeat it to check
+        /// A ledger written by `harness load` (ledger.jsonl in its report
+        /// directory); repeat it to check
         /// several runs into the same class together.
         #[arg(long, required = true)]
         ledger: Vec<PathBuf>,
@@ -153,6 +160,137 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         wait: u64,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// KEY=VALUE lines (as `harness up --env-file` writes them) that give
+    /// the defaults of the URL, token and socket flags below; the process
+    /// environment is used for what the file does not set.
+    #[arg(long)]
+    env_file: Option<PathBuf>,
+    /// The events URL (default: $CELLMON_INGEST_URL/api/v1/events with
+    /// ?token=$CELLMON_INGEST_TOKEN).
+    #[arg(long)]
+    url: Option<String>,
+    /// Students in each phase, in order.
+    #[arg(long, value_delimiter = ',', default_value = "10,25,50,75,100")]
+    students: Vec<u32>,
+    /// Stop after the listed phases instead of adding students (250, 500,
+    /// 1000, 2500, ...) until a phase misses the targets.
+    #[arg(long)]
+    no_ramp: bool,
+    /// The ramp stops before going past this many students.
+    #[arg(long, default_value_t = 200_000)]
+    max_students: u32,
+    /// Instead of students: one phase of cell runs at this fixed rate
+    /// (events/s), spread over --rate-students.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 100)]
+    rate_students: u32,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 20)]
+    phase_secs: u64,
+    /// Most events the whole run sends.
+    #[arg(long, default_value_t = 5_000_000)]
+    max_events: u64,
+    /// Most requests in flight at once.
+    #[arg(long, default_value_t = 2048)]
+    max_in_flight: usize,
+    /// Client addresses (127.0.1.1 ...) the students' requests come from.
+    #[arg(long, default_value_t = 100)]
+    clients: u8,
+    /// Seconds between a student's cell runs: shortest and longest.
+    #[arg(long, default_value_t = 12.0)]
+    run_min_s: f64,
+    #[arg(long, default_value_t = 18.0)]
+    run_max_s: f64,
+    /// Share of cell runs that fail.
+    #[arg(long, default_value_t = 0.15)]
+    failure_rate: f64,
+    /// Target: accept latency p95 of each phase, ms.
+    #[arg(long, default_value_t = 500.0)]
+    p95_ms: f64,
+    /// Target: events/s accepted in the best phase that met the others.
+    #[arg(long)]
+    min_eps: Option<f64>,
+    /// Target: refused or unanswered share of events in each phase.
+    #[arg(long, default_value_t = 0.001)]
+    max_error_rate: f64,
+    /// The gateway's socket URL, for end-to-end latency (default:
+    /// $CELLMON_GATEWAY_URL).
+    #[arg(long)]
+    gateway_url: Option<String>,
+    /// An instructor's JWT (default: $CELLMON_INSTRUCTOR_TOKEN).
+    #[arg(long)]
+    instructor_token: Option<String>,
+    /// The class the events go to (default: $CELLMON_CLASS_ID).
+    #[arg(long)]
+    class: Option<uuid::Uuid>,
+    /// Do not follow the class on an instructor socket.
+    #[arg(long)]
+    no_socket: bool,
+    /// Postgres the persister writes (default: $CELLMON_DATABASE_URL).
+    #[arg(long)]
+    postgres_url: Option<String>,
+    /// InfluxDB the persister writes (default: $CELLMON_INFLUXDB_URL).
+    #[arg(long)]
+    influx_url: Option<String>,
+    /// (default: $CELLMON_INFLUX_DATABASE, else cellmon)
+    #[arg(long)]
+    influx_database: Option<String>,
+    /// Skip the ledger check at the end.
+    #[arg(long)]
+    no_verify: bool,
+    /// Seconds the ledger check waits for the sinks to catch up.
+    #[arg(long, default_value_t = 120)]
+    verify_wait: u64,
+    /// Server processes to watch (default: $CELLMON_SERVER_PID; processes
+    /// named ingest-server or ws-gateway are watched anyway).
+    #[arg(long)]
+    server_pid: Vec<u32>,
+    /// Directory for report.json, report.html, report.md and ledger.jsonl.
+    #[arg(long, default_value = "load-report")]
+    out: PathBuf,
+    /// Seed of the students' behaviour.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Values from an env file, then from the process environment.
+struct Defaults(std::collections::HashMap<String, String>);
+
+impl Defaults {
+    fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut values = std::collections::HashMap::new();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            for line in text.lines() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let line = line.strip_prefix("export ").unwrap_or(line);
+                if let Some((key, value)) = line.split_once('=') {
+                    values.insert(key.trim().to_owned(), value.trim().to_owned());
+                }
+            }
+        }
+        Ok(Self(values))
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.0
+            .get(key)
+            .cloned()
+            .or_else(|| std::env::var(key).ok())
+            .filter(|v| !v.is_empty())
+    }
 }
 
 fn main() -> ExitCode {
@@ -199,36 +337,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             supervise::serve(pid, &file, log_file.as_deref()).await?;
         }
-        Cmd::Load {
-            url,
+        Cmd::Load(args) => return load(*args).await,
+        Cmd::Chaos {
+            scenario,
             rate,
-            batch,
             duration,
-            max_in_flight,
-            students,
-            clients,
-            ledger,
+            p95_ms,
+            max_error_rate,
+            out,
+            quiet,
         } => {
-            let spec = cellmon_harness::load::LoadSpec {
-                url,
-                rate,
-                batch,
-                duration: Duration::from_secs(duration),
-                max_in_flight,
-                students,
-                clients,
+            let Some(scenario) = Scenario::parse(&scenario) else {
+                let names: Vec<&str> = Scenario::ALL.iter().map(|s| s.name()).collect();
+                anyhow::bail!("unknown scenario {scenario:?}; one of {}", names.join(", "));
             };
-            eprintln!("offering {rate} events/s in batches of {batch} for {duration} s ...");
-            let (report, events) = cellmon_harness::load::run(spec).await?;
-            if let Some(path) = ledger {
-                events.write(&path)?;
-                eprintln!(
-                    "ledger of {} events written to {}",
-                    events.len(),
-                    path.display()
-                );
-            }
-            print_json(&report)?;
+            anyhow::ensure!(
+                rate > 0.0 && duration >= 3,
+                "--rate must be positive and --duration at least 3 s"
+            );
+            let mut spec = ChaosSpec::new(rate, Duration::from_secs(duration));
+            spec.targets.max_error_rate = max_error_rate;
+            spec.targets.p95_ms = p95_ms.unwrap_or(match scenario {
+                Scenario::RedisHang => {
+                    cellmon_ingest::Config::default()
+                        .redis_timeout()
+                        .as_millis() as f64
+                        + 100.0
+                }
+                _ => 500.0,
+            });
+            spec.progress = !quiet;
+            let docker = Docker::connect().await?;
+            eprintln!(
+                "starting a system of its own (postgres, redis, influxdb, ingest, gateway) ..."
+            );
+            let system = LocalSystem::start(&docker, 0, 0).await?;
+            eprintln!("{}: {rate} events/s for {duration} s ...", scenario.name());
+            let outcome = chaos::run(&system, scenario, &spec, command_line()).await;
+            system.shutdown().await?;
+            let (report, _) = outcome?;
+            return finish(&report, &out);
         }
         Cmd::Fanout {
             url,
@@ -272,21 +420,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ledger = combined;
             let pool = sqlx::PgPool::connect(&postgres_url).await?;
             let influx = InfluxClient::new(&influx_url)?;
-            let deadline = std::time::Instant::now() + Duration::from_secs(wait);
-            let verdict = loop {
-                let verdict =
-                    verify::verify(&ledger, &pool, &influx, &influx_database, class).await?;
-                if verdict.passes() || std::time::Instant::now() >= deadline {
-                    break verdict;
-                }
-                eprintln!(
-                    "  waiting for the sinks: postgres {} / influxdb {} of {} acknowledged",
-                    verdict.acknowledged - verdict.postgres.lost.len(),
-                    verdict.acknowledged - verdict.influx.lost.len(),
-                    verdict.acknowledged
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            };
+            let verdict = verify::verify_until(
+                &ledger,
+                &pool,
+                &influx,
+                &influx_database,
+                class,
+                None,
+                Duration::from_secs(wait),
+            )
+            .await?;
             use std::io::Write as _;
             let mut out = std::io::stdout().lock();
             if json {
@@ -312,10 +455,10 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16, gateway_port: u16) -> a
     let docker = Docker::connect().await?;
     eprintln!("starting postgres, redis and influxdb ...");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // A signal during start-up drops the half-started stack, which removes
+    // A signal during start-up drops the half-started system, which removes
     // whatever containers it had created.
-    let stack = tokio::select! {
-        stack = Stack::start(&docker) => stack?,
+    let system = tokio::select! {
+        system = LocalSystem::start(&docker, ingest_port, gateway_port) => system?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted during start-up; backends removed");
             return Ok(());
@@ -325,95 +468,7 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16, gateway_port: u16) -> a
             return Ok(());
         }
     };
-
-    // The ingest server, in this process, with one class and its token; in
-    // open mode too, so the extension works without a token.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", ingest_port))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot listen on 127.0.0.1:{ingest_port} ({e}); try --ingest-port")
-        })?;
-    let ingest_addr = listener.local_addr()?;
-    let class_id = ClassId::random();
-    let token = format!("dev-{}", uuid::Uuid::new_v4().simple());
-    let spool_dir = std::env::temp_dir().join(format!("cellmon-up-{}", std::process::id()));
-    // The persister writes to a database of its own, which it migrates.
-    let database_url = cellmon_harness::pg::with_database(&stack.postgres.url(), "cellmon");
-    create_database(&stack.postgres.url(), "cellmon").await?;
-    let mut config = cellmon_ingest::Config {
-        role: cellmon_ingest::config::Role::All,
-        redis_url: stack.redis.url().into(),
-        classes: vec![ClassToken {
-            class_id,
-            token: token.clone().into(),
-        }],
-        open_class: Some(class_id),
-        ..cellmon_ingest::Config::default()
-    };
-    config.spool.dir = spool_dir.clone();
-    config.persister.postgres_url = database_url.clone().into();
-    config.persister.influx_url = stack.influx.url();
-    config.persister.influx_database = "cellmon".into();
-    // The schema first: the gateway reads it from its first request on.
-    let pool = cellmon_store::pg::pool(&cellmon_store::pg::PgConfig {
-        url: database_url.clone(),
-        max_connections: 2,
-        timeout: std::time::Duration::from_secs(10),
-    })?;
-    cellmon_store::MIGRATOR.run(&pool).await?;
-    let instructor = uuid::Uuid::new_v4();
-    cellmon_store::classes::register(&pool, class_id, "Local class", Some(&token)).await?;
-    cellmon_store::classes::add_instructor(&pool, instructor, "instructor@localhost", "Instructor")
-        .await?;
-    cellmon_store::classes::assign(&pool, class_id, instructor).await?;
-    pool.close().await;
-
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let signal = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        }
-    };
-    let ingest = tokio::spawn(cellmon_ingest::serve(config, listener, signal()));
-
-    let gateway_listener = tokio::net::TcpListener::bind(("127.0.0.1", gateway_port))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("cannot listen on 127.0.0.1:{gateway_port} ({e}); try --gateway-port")
-        })?;
-    let gateway_addr = gateway_listener.local_addr()?;
-    let jwt_secret = uuid::Uuid::new_v4().simple().to_string();
-    let gateway_config = cellmon_gateway::Config {
-        redis_url: stack.redis.url().into(),
-        postgres_url: database_url.clone().into(),
-        jwt_secret: jwt_secret.clone().into(),
-        allowed_origins: vec![format!("http://{gateway_addr}"), "http://localhost".into()],
-        ..cellmon_gateway::Config::default()
-    };
-    let instructor_token = cellmon_gateway::auth::Verifier::new(&jwt_secret.clone().into(), 0, 30)
-        .issue_token(instructor, 7 * 24 * 3600)?;
-    let gateway = tokio::spawn(cellmon_gateway::serve(
-        gateway_config,
-        gateway_listener,
-        signal(),
-    ));
-
-    let mut env = String::new();
-    for kind in BackendKind::ALL {
-        let var = format!("CELLMON_{}_URL", kind.name().to_uppercase());
-        env.push_str(&format!("{var}={}\n", stack.backend(kind).url()));
-    }
-    env.push_str(&format!("CELLMON_DATABASE_URL={database_url}\n"));
-    env.push_str("CELLMON_INFLUX_DATABASE=cellmon\n");
-    env.push_str(&format!("CELLMON_INGEST_URL=http://{ingest_addr}\n"));
-    env.push_str(&format!("CELLMON_CLASS_ID={class_id}\n"));
-    env.push_str(&format!("CELLMON_INGEST_TOKEN={token}\n"));
-    env.push_str(&format!("CELLMON_GATEWAY_URL=ws://{gateway_addr}/ws\n"));
-    env.push_str(&format!("CELLMON_GATEWAY_HTTP_URL=http://{gateway_addr}\n"));
-    env.push_str(&format!("CELLMON_INSTRUCTOR_ID={instructor}\n"));
-    env.push_str(&format!("CELLMON_INSTRUCTOR_TOKEN={instructor_token}\n"));
-    env.push_str(&format!("CELLMON_JWT_SECRET={jwt_secret}\n"));
+    let env = system.env_text();
     if let Some(path) = env_file {
         supervise::write_atomically(&path, &env)?;
     }
@@ -423,15 +478,18 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16, gateway_port: u16) -> a
         writeln!(out, "{env}")?;
         writeln!(
             out,
-            "events: POST http://{ingest_addr}/api/v1/events?token={token} (or without a token)"
+            "events: POST {} (or without a token)",
+            system.events_url()
         )?;
         writeln!(
             out,
-            "the persister writes them to Postgres ({database_url}) and InfluxDB (database cellmon)"
+            "the persister writes them to Postgres ({}) and InfluxDB (database cellmon)",
+            system.database_url
         )?;
         writeln!(
             out,
-            "dashboards: ws://{gateway_addr}/ws with the sub-protocols cellmon.v1 and cellmon.jwt.$CELLMON_INSTRUCTOR_TOKEN"
+            "dashboards: ws://{}/ws with the sub-protocols cellmon.v1 and cellmon.jwt.$CELLMON_INSTRUCTOR_TOKEN",
+            system.gateway_addr
         )?;
         writeln!(out, "ready; press Ctrl-C to stop and remove the backends")?;
     }
@@ -440,18 +498,217 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16, gateway_port: u16) -> a
         _ = terminate.recv() => {}
     }
     eprintln!("stopping ...");
-    let _ = stop.send(true);
-    for (name, task) in [("ingest server", ingest), ("gateway", gateway)] {
-        match task.await {
-            Ok(Err(error)) => eprintln!("{name}: {error:#}"),
-            Err(error) => eprintln!("{name} task: {error}"),
-            Ok(Ok(())) => {}
-        }
-    }
-    stack.shutdown().await?;
-    let _ = std::fs::remove_dir_all(&spool_dir);
+    system.shutdown().await?;
     eprintln!("backends removed");
     Ok(())
+}
+
+/// The command line, for reports.
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+/// Writes the report files, prints the summary, and turns the outcome
+/// into the exit code.
+fn finish(report: &Report, out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let paths = report.write(out)?;
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", report.markdown())?;
+    for path in &paths {
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(if report.outcome.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
+    let defaults = Defaults::load(args.env_file.as_deref())?;
+    let events_url = match args.url {
+        Some(url) => url,
+        None => {
+            let base = defaults.get("CELLMON_INGEST_URL").ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no --url, and no CELLMON_INGEST_URL (give --env-file from `harness up`)"
+                )
+            })?;
+            match defaults.get("CELLMON_INGEST_TOKEN") {
+                Some(token) => format!("{base}/api/v1/events?token={token}"),
+                None => format!("{base}/api/v1/events"),
+            }
+        }
+    };
+    anyhow::ensure!(
+        args.run_min_s > 0.0 && args.run_max_s >= args.run_min_s,
+        "--run-min-s must be positive and at most --run-max-s"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.failure_rate),
+        "--failure-rate is a share between 0 and 1"
+    );
+    anyhow::ensure!(args.phase_secs > 0, "--phase-secs must be positive");
+    let phases: Vec<PhaseSpec> = match args.rate {
+        Some(rate) => {
+            anyhow::ensure!(rate > 0.0, "--rate must be positive");
+            vec![PhaseSpec::Rate {
+                events_per_s: rate,
+                students: args.rate_students.max(1),
+            }]
+        }
+        None => {
+            anyhow::ensure!(
+                !args.students.is_empty() && args.students.iter().all(|n| *n > 0),
+                "--students needs positive counts"
+            );
+            args.students
+                .iter()
+                .copied()
+                .map(PhaseSpec::Students)
+                .collect()
+        }
+    };
+    let gateway = if args.no_socket {
+        None
+    } else {
+        let url = args
+            .gateway_url
+            .or_else(|| defaults.get("CELLMON_GATEWAY_URL"));
+        let token = args
+            .instructor_token
+            .or_else(|| defaults.get("CELLMON_INSTRUCTOR_TOKEN"));
+        let class = args.class.or_else(|| {
+            defaults
+                .get("CELLMON_CLASS_ID")
+                .and_then(|c| c.parse().ok())
+        });
+        match (url, token, class) {
+            (Some(url), Some(token), Some(class)) => Some(GatewaySpec { url, token, class }),
+            _ => {
+                eprintln!(
+                    "no gateway URL, instructor token or class: end-to-end latency is not measured (give --env-file from `harness up`, or --no-socket)"
+                );
+                None
+            }
+        }
+    };
+    let mut server_pids = args.server_pid.clone();
+    if server_pids.is_empty()
+        && let Some(pid) = defaults
+            .get("CELLMON_SERVER_PID")
+            .and_then(|p| p.parse().ok())
+    {
+        server_pids.push(pid);
+    }
+    let backend_ports = [
+        ("postgres", "CELLMON_POSTGRES_URL"),
+        ("redis", "CELLMON_REDIS_URL"),
+        ("influxdb", "CELLMON_INFLUXDB_URL"),
+    ]
+    .into_iter()
+    .filter_map(|(name, key)| {
+        let port = defaults.get(key).as_deref().and_then(port_of)?;
+        Some((name.to_owned(), port))
+    })
+    .collect();
+    let targets = Targets {
+        p95_ms: args.p95_ms,
+        max_error_rate: args.max_error_rate,
+        min_events_per_s: args.min_eps,
+    };
+    let behaviour = Behaviour {
+        run_min: Duration::from_secs_f64(args.run_min_s),
+        run_max: Duration::from_secs_f64(args.run_max_s),
+        failure_rate: args.failure_rate,
+        ..Behaviour::default()
+    };
+    let listed = phases.len();
+    let spec = LoadSpec {
+        events_url,
+        phases,
+        ramp: !args.no_ramp && args.rate.is_none(),
+        max_students: args.max_students,
+        phase_duration: Duration::from_secs(args.phase_secs),
+        behaviour: behaviour.clone(),
+        max_in_flight: args.max_in_flight,
+        clients: args.clients,
+        max_events: args.max_events,
+        targets,
+        gateway,
+        sampler: SamplerSpec {
+            server_pids,
+            backend_ports,
+        },
+        seed: args.seed,
+        progress: !args.quiet,
+        ..LoadSpec::default()
+    };
+    let started_at = cellmon_harness::report::now_rfc3339();
+    let (result, ledger) = cellmon_harness::load::run(spec).await?;
+    std::fs::create_dir_all(&args.out)?;
+    let ledger_path = args.out.join("ledger.jsonl");
+    ledger.write(&ledger_path)?;
+    eprintln!(
+        "ledger of {} events written to {}",
+        ledger.len(),
+        ledger_path.display()
+    );
+    let postgres = args
+        .postgres_url
+        .or_else(|| defaults.get("CELLMON_DATABASE_URL"));
+    let influx = args
+        .influx_url
+        .or_else(|| defaults.get("CELLMON_INFLUXDB_URL"));
+    let verdict = match (args.no_verify, postgres, influx) {
+        (false, Some(postgres), Some(influx_url)) => {
+            eprintln!("checking the ledger against Postgres and InfluxDB ...");
+            let database = args
+                .influx_database
+                .or_else(|| defaults.get("CELLMON_INFLUX_DATABASE"))
+                .unwrap_or_else(|| "cellmon".to_owned());
+            let class = args.class.or_else(|| {
+                defaults
+                    .get("CELLMON_CLASS_ID")
+                    .and_then(|c| c.parse().ok())
+            });
+            let pool = sqlx::PgPool::connect(&postgres).await?;
+            let influx = InfluxClient::new(&influx_url)?;
+            let verdict = verify::verify_until(
+                &ledger,
+                &pool,
+                &influx,
+                &database,
+                class,
+                Some(&result.student_marker),
+                Duration::from_secs(args.verify_wait),
+            )
+            .await?;
+            pool.close().await;
+            Some(verdict)
+        }
+        (false, _, _) => {
+            eprintln!(
+                "no Postgres or InfluxDB URL: the ledger check is skipped (give --env-file from `harness up`, or --no-verify)"
+            );
+            None
+        }
+        (true, _, _) => None,
+    };
+    let report = Report::new(
+        "load".to_owned(),
+        command_line(),
+        started_at,
+        targets,
+        behaviour,
+        args.phase_secs as f64,
+        listed,
+        result,
+        Vec::new(),
+        verdict.as_ref(),
+    );
+    finish(&report, &args.out)
 }
 
 /// A report as pretty JSON on stdout.
@@ -462,23 +719,5 @@ fn print_json(report: &impl serde::Serialize) -> anyhow::Result<()> {
         "{}",
         serde_json::to_string_pretty(report)?
     )?;
-    Ok(())
-}
-
-/// `CREATE DATABASE name` unless it exists.
-async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
-    use sqlx::Connection as _;
-    let mut admin = sqlx::PgConnection::connect(admin_url).await?;
-    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
-        .bind(name)
-        .fetch_optional(&mut admin)
-        .await?;
-    if exists.is_none() {
-        // `name` is a constant of this program, never input.
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut admin)
-            .await?;
-    }
-    admin.close().await?;
     Ok(())
 }

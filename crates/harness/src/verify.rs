@@ -280,9 +280,33 @@ impl Verdict {
 #[derive(Debug, Clone, Default)]
 pub struct SinkContents {
     pub ids: Vec<Uuid>,
+    /// The student of each of `ids`, in the same order.
+    pub students: Vec<String>,
     pub groups: BTreeMap<String, u64>,
     /// Ids of cell executions (rows, or `cell_execution` points).
     pub executions: Vec<Uuid>,
+}
+
+impl SinkContents {
+    /// Keeps the events and groups of the students `keep` accepts; returns
+    /// the ids kept.
+    fn limit_to(&mut self, keep: impl Fn(&str) -> bool) -> HashSet<Uuid> {
+        let mut kept = HashSet::new();
+        let (ids, students) = (
+            std::mem::take(&mut self.ids),
+            std::mem::take(&mut self.students),
+        );
+        for (id, student) in ids.into_iter().zip(students) {
+            if keep(&student) {
+                kept.insert(id);
+                self.ids.push(id);
+                self.students.push(student);
+            }
+        }
+        self.groups
+            .retain(|key, _| keep(key.split(" / ").next().unwrap_or_default()));
+        kept
+    }
 }
 
 fn group_key(student: &str, event_type: &str) -> String {
@@ -317,6 +341,7 @@ pub async fn postgres_contents(pool: &PgPool, class: Option<Uuid>) -> anyhow::Re
             .groups
             .entry(group_key(&student, &kind))
             .or_default() += 1;
+        contents.students.push(student);
     }
     Ok(contents)
 }
@@ -379,6 +404,7 @@ pub async fn influx_contents(
             let student = value[student_at].as_str().unwrap_or_default();
             let kind = value[kind_at].as_str().unwrap_or_default();
             *contents.groups.entry(group_key(student, kind)).or_default() += 1;
+            contents.students.push(student.to_owned());
         }
     }
     Ok(contents)
@@ -415,9 +441,59 @@ pub async fn verify(
     influx_database: &str,
     class: Option<Uuid>,
 ) -> anyhow::Result<Verdict> {
-    let pg = postgres_contents(pool, class).await?;
-    let points = influx_contents(influx, influx_database, class).await?;
+    verify_students(ledger, pool, influx, influx_database, class, None).await
+}
+
+/// [`verify`], limited to the students whose key contains `students` (a
+/// load run's own students, in a class that holds other events too).
+pub async fn verify_students(
+    ledger: &Ledger,
+    pool: &PgPool,
+    influx: &InfluxClient,
+    influx_database: &str,
+    class: Option<Uuid>,
+    students: Option<&str>,
+) -> anyhow::Result<Verdict> {
+    let mut pg = postgres_contents(pool, class).await?;
+    let mut points = influx_contents(influx, influx_database, class).await?;
+    if let Some(marker) = students {
+        let (pg_ids, influx_ids) = (
+            pg.limit_to(|student| student.contains(marker)),
+            points.limit_to(|student| student.contains(marker)),
+        );
+        let ids: HashSet<Uuid> = pg_ids.union(&influx_ids).copied().collect();
+        pg.executions.retain(|id| ids.contains(id));
+        points.executions.retain(|id| ids.contains(id));
+    }
     Ok(verdict(ledger, &pg, &points))
+}
+
+/// [`verify`] until it passes or `wait` has passed (the sinks may still be
+/// catching up), saying how far they are once a second.
+pub async fn verify_until(
+    ledger: &Ledger,
+    pool: &PgPool,
+    influx: &InfluxClient,
+    influx_database: &str,
+    class: Option<Uuid>,
+    students: Option<&str>,
+    wait: std::time::Duration,
+) -> anyhow::Result<Verdict> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let verdict =
+            verify_students(ledger, pool, influx, influx_database, class, students).await?;
+        if verdict.passes() || std::time::Instant::now() >= deadline {
+            return Ok(verdict);
+        }
+        eprintln!(
+            "  waiting for the sinks: postgres {} / influxdb {} of {} acknowledged",
+            verdict.acknowledged - verdict.postgres.lost.len(),
+            verdict.acknowledged - verdict.influx.lost.len(),
+            verdict.acknowledged
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 #[cfg(test)]
@@ -450,6 +526,46 @@ mod tests {
         // Unknown events may be stored or not.
         let check = SinkCheck::compute(&ledger, &[id(1), id(2), id(5)]);
         assert!(check.passes(), "{check:?}");
+    }
+
+    #[test]
+    fn a_run_is_checked_on_its_own_students_only() {
+        let mut ledger = Ledger::new();
+        ledger.record(id(1), Outcome::Ok);
+        ledger.record(id(2), Outcome::Ok);
+        let contents = |ids: &[(u128, &str)]| {
+            let mut c = SinkContents::default();
+            for (n, student) in ids {
+                c.ids.push(id(*n));
+                c.students.push((*student).to_owned());
+                *c.groups.entry(group_key(student, "help")).or_default() += 1;
+            }
+            c.executions = c.ids.clone();
+            c
+        };
+        // Another client's event (7) in the same class, and a twice-stored
+        // event of this run (2).
+        let stored = [
+            (1, "rabcp0s1"),
+            (7, "someone"),
+            (2, "rabcp1s4"),
+            (2, "rabcp1s4"),
+        ];
+        let (mut pg, mut influx) = (contents(&stored), contents(&stored[..3]));
+        let whole = verdict(&ledger, &pg, &influx);
+        assert_eq!(whole.postgres.unexpected, vec![id(7)]);
+        let kept = pg.limit_to(|s| s.contains("rabcp"));
+        influx.limit_to(|s| s.contains("rabcp"));
+        assert_eq!(kept, HashSet::from([id(1), id(2)]));
+        pg.executions.retain(|i| kept.contains(i));
+        influx.executions.retain(|i| kept.contains(i));
+        let scoped = verdict(&ledger, &pg, &influx);
+        assert!(scoped.postgres.unexpected.is_empty());
+        // Scoping hides nothing of the run's own: the duplicate stays.
+        assert_eq!(scoped.postgres.duplicates, vec![id(2)]);
+        assert!(scoped.influx.passes());
+        assert_eq!(scoped.groups, 2);
+        assert!(!scoped.passes());
     }
 
     #[test]

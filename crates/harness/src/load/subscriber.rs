@@ -1,0 +1,224 @@
+//! The instructor's side of a load run: a real dashboard socket on the
+//! class, timing each cell run from its scheduled POST to the
+//! `student_update` that first counts it.
+//!
+//! A student's status counts their executions, and a simulated student's
+//! runs are numbered 1, 2, 3, ...; an update that counts `k` executions
+//! covers every run of that student up to the `k`-th (the persister may
+//! fold several into one update).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use super::stats::{PhaseTally, record};
+
+/// Where the instructor's socket goes.
+#[derive(Debug, Clone)]
+pub struct GatewaySpec {
+    /// `ws://host:port/ws`
+    pub url: String,
+    /// An instructor's JWT.
+    pub token: String,
+    pub class: uuid::Uuid,
+}
+
+/// Runs sent but not seen yet on the socket: e-mail → execution → (phase,
+/// scheduled instant).
+#[derive(Debug, Default)]
+pub struct Pending {
+    runs: HashMap<String, BTreeMap<u32, (usize, Instant)>>,
+}
+
+impl Pending {
+    pub fn sent(&mut self, email: &str, execution: u32, phase: usize, scheduled: Instant) {
+        self.runs
+            .entry(email.to_owned())
+            .or_default()
+            .insert(execution, (phase, scheduled));
+    }
+
+    /// An update counting `executions` of `email` arrived at `now`: the
+    /// latencies of the runs it covers, by phase.
+    pub fn seen(
+        &mut self,
+        email: &str,
+        executions: u32,
+        now: Instant,
+    ) -> Vec<(usize, std::time::Duration)> {
+        let Some(runs) = self.runs.get_mut(email) else {
+            return Vec::new();
+        };
+        let later = runs.split_off(&(executions + 1));
+        let covered = std::mem::replace(runs, later);
+        if runs.is_empty() {
+            self.runs.remove(email);
+        }
+        covered
+            .into_values()
+            .map(|(phase, scheduled)| (phase, now.saturating_duration_since(scheduled)))
+            .collect()
+    }
+
+    /// Runs never seen.
+    pub fn len(&self) -> usize {
+        self.runs.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The parts of a `student_update` that matter here.
+fn update_of(text: &str) -> Option<(String, u32)> {
+    if !text.contains("\"student_update\"") {
+        return None;
+    }
+    let message: serde_json::Value = serde_json::from_str(text).ok()?;
+    let email = message["student"]["key"]["email"].as_str()?.to_owned();
+    let executions = u32::try_from(message["status"]["executions"].as_u64()?).ok()?;
+    Some((email, executions))
+}
+
+/// Opens the socket and subscribes; returns once the snapshot arrived.
+pub async fn connect(
+    spec: &GatewaySpec,
+) -> anyhow::Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+> {
+    let mut request = spec.url.as_str().into_client_request()?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(&format!("cellmon.v1, cellmon.jwt.{}", spec.token))?,
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    let subscribe = serde_json::json!({"type": "subscribe", "classId": spec.class});
+    socket.send(Message::text(subscribe.to_string())).await?;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(30), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) if text.contains("\"type\":\"snapshot\"") => {
+                return Ok(socket);
+            }
+            Ok(Some(Ok(Message::Text(text)))) if text.contains("\"type\":\"error\"") => {
+                anyhow::bail!("the gateway refused the subscription: {text}")
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(error))) => return Err(error.into()),
+            Ok(None) | Err(_) => anyhow::bail!("no snapshot from the gateway within 30 s"),
+        }
+    }
+}
+
+/// Reads the socket until it ends, recording latencies into `tallies`
+/// (index = phase). Reconnects (with a fresh snapshot) if the gateway drops
+/// it; returns the number of reconnections when `stop` fires.
+pub async fn follow(
+    spec: GatewaySpec,
+    pending: Arc<Mutex<Pending>>,
+    tallies: Arc<Mutex<Vec<PhaseTally>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
+    let mut reconnections = 0;
+    loop {
+        let mut socket = match connect(&spec).await {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::warn!("instructor socket: {error:#}");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = stopped(&mut stop) => return reconnections,
+                }
+                reconnections += 1;
+                continue;
+            }
+        };
+        loop {
+            let frame = tokio::select! {
+                frame = socket.next() => frame,
+                _ = stopped(&mut stop) => {
+                    let _ = socket.close(None).await;
+                    return reconnections;
+                }
+            };
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let Some((email, executions)) = update_of(&text) else {
+                        continue;
+                    };
+                    let now = Instant::now();
+                    let seen = pending
+                        .lock()
+                        .map(|mut p| p.seen(&email, executions, now))
+                        .unwrap_or_default();
+                    if seen.is_empty() {
+                        continue;
+                    }
+                    if let Ok(mut tallies) = tallies.lock() {
+                        for (phase, latency) in seen {
+                            if let Some(tally) = tallies.get_mut(phase) {
+                                record(&mut tally.end_to_end, latency);
+                            }
+                        }
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
+        reconnections += 1;
+    }
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn an_update_covers_every_run_up_to_its_count() {
+        let t0 = Instant::now();
+        let mut pending = Pending::default();
+        pending.sent("a@x.jp", 1, 0, t0);
+        pending.sent("a@x.jp", 2, 0, t0 + Duration::from_millis(10));
+        pending.sent("a@x.jp", 3, 1, t0 + Duration::from_millis(20));
+        pending.sent("b@x.jp", 1, 0, t0);
+        let now = t0 + Duration::from_millis(50);
+        let mut seen = pending.seen("a@x.jp", 2, now);
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                (0, Duration::from_millis(40)),
+                (0, Duration::from_millis(50))
+            ]
+        );
+        // Seen once only.
+        assert!(pending.seen("a@x.jp", 2, now).is_empty());
+        assert_eq!(pending.len(), 2);
+        assert_eq!(
+            pending.seen("a@x.jp", 5, now),
+            vec![(1, Duration::from_millis(30))]
+        );
+        assert!(pending.seen("nobody@x.jp", 1, now).is_empty());
+        assert_eq!(pending.len(), 1);
+    }
+
+    #[test]
+    fn updates_are_read_from_the_wire_format() {
+        let text = r#"{"type":"student_update","epoch":"e","offset":3,"classId":"c","student":{"id":"s","key":{"email":"a@x.jp"},"name":null,"team":null},"status":{"status":"active","help":[],"significantErrors":[],"lastExecutionFailed":false,"lastActivity":null,"executions":4,"failedExecutions":1}}"#;
+        assert_eq!(update_of(text), Some(("a@x.jp".to_owned(), 4)));
+        assert_eq!(update_of(r#"{"type":"alert"}"#), None);
+    }
+}
