@@ -406,7 +406,9 @@ async fn listen(
         let message = tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ping.tick() => {
-                let pong = tokio::time::timeout(PUBSUB_PING, sink.ping::<String>()).await;
+                // In subscribed mode Redis answers PING with an array ([pong, ""]),
+                // not a string: any answer will do.
+                let pong = tokio::time::timeout(PUBSUB_PING, sink.ping::<redis::Value>()).await;
                 if !matches!(pong, Ok(Ok(_))) {
                     tracing::warn!("redis pub/sub does not answer; reconnecting");
                     return;

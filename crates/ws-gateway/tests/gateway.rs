@@ -47,6 +47,20 @@ async fn a_subscriber_gets_a_snapshot_then_every_update_in_order() -> anyhow::Re
     gateway.stop().await
 }
 
+/// The pub/sub connection is pinged every 5 s; a healthy one answers and is
+/// kept (it used to be dropped and re-made at every ping, because Redis
+/// answers PING on a subscribed connection with an array).
+#[tokio::test]
+async fn a_healthy_pubsub_connection_is_kept_across_pings() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let mut gateway = Gateway::start(&backends, |_| {}).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let metrics = gateway.state.metrics();
+    assert_eq!(metrics.pubsub_connects.get(), 1);
+    assert_eq!(metrics.pubsub_up.get(), 1);
+    gateway.stop().await
+}
+
 #[tokio::test]
 async fn resume_with_since_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
