@@ -138,6 +138,9 @@ pub struct Report {
     pub resources: Vec<Sample>,
     pub faults: Vec<FaultWindow>,
     pub end_to_end_unseen: u64,
+    /// Times the instructor's socket was told to resync (too far behind).
+    pub socket_resyncs: u64,
+    pub socket_reconnections: u64,
     pub ledger: Option<LedgerFigures>,
     pub wall_s: f64,
     pub outcome: Outcome,
@@ -218,6 +221,8 @@ impl Report {
             resources: run.samples,
             faults,
             end_to_end_unseen: run.end_to_end_unseen,
+            socket_resyncs: run.socket.resyncs,
+            socket_reconnections: run.socket.reconnections,
             ledger: verdict.map(LedgerFigures::from),
             wall_s: run.wall_s,
             outcome: Outcome {
@@ -330,11 +335,11 @@ impl Report {
                 if l.passed { "PASS" } else { "FAIL" }
             );
         }
-        if self.end_to_end_unseen > 0 {
+        if self.end_to_end_unseen > 0 || self.socket_resyncs > 0 || self.socket_reconnections > 0 {
             let _ = writeln!(
                 md,
-                "\n{} cell runs never showed on the instructor's socket.",
-                self.end_to_end_unseen
+                "\nInstructor socket: {} cell runs never showed on it; told to resync {} times; reconnected {} times.",
+                self.end_to_end_unseen, self.socket_resyncs, self.socket_reconnections
             );
         }
         let _ = writeln!(

@@ -90,6 +90,9 @@ pub struct LoadSpec {
     pub phase_duration: Duration,
     /// Quiet time after each phase, for late answers and socket updates.
     pub settle: Duration,
+    /// After the last phase, how long to wait for cell runs still on their
+    /// way to the instructor's socket.
+    pub socket_wait: Duration,
     pub behaviour: Behaviour,
     /// Most requests in flight at once.
     pub max_in_flight: usize,
@@ -119,6 +122,7 @@ impl Default for LoadSpec {
             max_students: 200_000,
             phase_duration: Duration::from_secs(20),
             settle: Duration::from_secs(2),
+            socket_wait: Duration::from_secs(60),
             behaviour: Behaviour::default(),
             max_in_flight: 2048,
             clients: 100,
@@ -174,6 +178,8 @@ pub struct RunResult {
     pub samples: Vec<Sample>,
     /// Cell runs never seen on the instructor's socket.
     pub end_to_end_unseen: u64,
+    /// Resyncs and reconnections of the instructor's socket.
+    pub socket: subscriber::Followed,
     pub wall_s: f64,
     pub stopped_by_bound: bool,
 }
@@ -364,14 +370,14 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default();
                 let body = event_json(&run_id, index, &arrival, id, &now);
-                if let Action::RunCell { execution, .. } = arrival.action {
-                    lock(&shared.pending).sent(
-                        &email(&run_id, index, arrival.student),
-                        execution,
-                        index,
-                        scheduled,
-                    );
-                }
+                let run = match arrival.action {
+                    Action::RunCell { execution, .. } => {
+                        let email = email(&run_id, index, arrival.student);
+                        lock(&shared.pending).sent(&email, execution, index, scheduled);
+                        Some((email, execution))
+                    }
+                    _ => None,
+                };
                 lock(&shared.timeline).offered(scheduled - started);
                 let http = clients[arrival.student as usize % clients.len()].clone();
                 let url = spec.events_url.clone();
@@ -397,6 +403,9 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
                         tally.answer(status, answered - scheduled, answered - phase_start);
                     }
                     lock(&shared.timeline).answered(answered - started, accepted);
+                    if let (false, Some((email, execution))) = (accepted, &run) {
+                        lock(&shared.pending).forget(email, *execution);
+                    }
                     let outcome = match status {
                         None => Outcome::Unknown,
                         Some(_) if accepted => Outcome::Ok,
@@ -457,11 +466,29 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
         }
     }
 
+    // Cell runs still on their way to the socket (a persister catching up)
+    // get a while longer to arrive, so late ones count as late, not unseen.
+    if spec.gateway.is_some() {
+        let deadline = Instant::now() + spec.socket_wait;
+        let mut said = false;
+        while !lock(&shared.pending).is_empty() && Instant::now() < deadline {
+            if !said {
+                eprintln!(
+                    "waiting up to {} s for {} cell runs to show on the instructor socket ...",
+                    spec.socket_wait.as_secs(),
+                    lock(&shared.pending).len()
+                );
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     let _ = stop.send(true);
     let _ = sampling.await;
-    if let Some(following) = following {
-        let _ = following.await;
-    }
+    let socket = match following {
+        Some(following) => following.await.unwrap_or_default(),
+        None => subscriber::Followed::default(),
+    };
     // End-to-end figures, now that the socket is done.
     let tallies = lock(&shared.tallies).clone();
     for (phase, tally) in phases.iter_mut().zip(&tallies) {
@@ -479,6 +506,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
         } else {
             0
         },
+        socket,
         wall_s: started.elapsed().as_secs_f64(),
         stopped_by_bound,
     };

@@ -65,6 +65,16 @@ impl Pending {
             .collect()
     }
 
+    /// A run the server refused: no update will count it.
+    pub fn forget(&mut self, email: &str, execution: u32) {
+        if let Some(runs) = self.runs.get_mut(email) {
+            runs.remove(&execution);
+            if runs.is_empty() {
+                self.runs.remove(email);
+            }
+        }
+    }
+
     /// Runs never seen.
     pub fn len(&self) -> usize {
         self.runs.values().map(BTreeMap::len).sum()
@@ -115,16 +125,26 @@ pub async fn connect(
     }
 }
 
-/// Reads the socket until it ends, recording latencies into `tallies`
-/// (index = phase). Reconnects (with a fresh snapshot) if the gateway drops
-/// it; returns the number of reconnections when `stop` fires.
+/// What the instructor's socket went through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Followed {
+    /// Times the gateway told it to resync (it was too far behind), after
+    /// which it subscribed again and took a fresh snapshot.
+    pub resyncs: u64,
+    /// Times the socket was lost and opened again.
+    pub reconnections: u64,
+}
+
+/// Reads the socket until `stop` fires, recording latencies into `tallies`
+/// (index = phase). Subscribes again when told to resync, and reconnects
+/// (with a fresh snapshot) if the gateway drops the socket.
 pub async fn follow(
     spec: GatewaySpec,
     pending: Arc<Mutex<Pending>>,
     tallies: Arc<Mutex<Vec<PhaseTally>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> u64 {
-    let mut reconnections = 0;
+) -> Followed {
+    let mut followed = Followed::default();
     loop {
         let mut socket = match connect(&spec).await {
             Ok(socket) => socket,
@@ -132,9 +152,9 @@ pub async fn follow(
                 tracing::warn!("instructor socket: {error:#}");
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    _ = stopped(&mut stop) => return reconnections,
+                    _ = stopped(&mut stop) => return followed,
                 }
-                reconnections += 1;
+                followed.reconnections += 1;
                 continue;
             }
         };
@@ -143,11 +163,24 @@ pub async fn follow(
                 frame = socket.next() => frame,
                 _ = stopped(&mut stop) => {
                     let _ = socket.close(None).await;
-                    return reconnections;
+                    return followed;
                 }
             };
             match frame {
                 Some(Ok(Message::Text(text))) => {
+                    if text.contains("\"type\":\"resync\"") {
+                        followed.resyncs += 1;
+                        let subscribe =
+                            serde_json::json!({"type": "subscribe", "classId": spec.class});
+                        if socket
+                            .send(Message::text(subscribe.to_string()))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    }
                     let Some((email, executions)) = update_of(&text) else {
                         continue;
                     };
@@ -171,7 +204,7 @@ pub async fn follow(
                 Some(Err(_)) | None => break,
             }
         }
-        reconnections += 1;
+        followed.reconnections += 1;
     }
 }
 
@@ -213,6 +246,9 @@ mod tests {
         );
         assert!(pending.seen("nobody@x.jp", 1, now).is_empty());
         assert_eq!(pending.len(), 1);
+        // A refused run is forgotten.
+        pending.forget("b@x.jp", 1);
+        assert!(pending.is_empty());
     }
 
     #[test]
