@@ -90,6 +90,27 @@ pub struct LedgerFigures {
     pub passed: bool,
 }
 
+impl LedgerFigures {
+    /// The figures in one sentence (no markup).
+    pub fn sentence(&self) -> String {
+        format!(
+            "Ledger check: {} acknowledged, {} refused, {} unknown; Postgres {} stored, {} lost, {} duplicates, {} unexpected; InfluxDB {} stored, {} lost, {} duplicates, {} unexpected; agreement {:.2} %",
+            self.acknowledged,
+            self.refused,
+            self.unknown,
+            self.postgres_stored,
+            self.postgres_lost,
+            self.postgres_duplicates,
+            self.postgres_unexpected,
+            self.influx_stored,
+            self.influx_lost,
+            self.influx_duplicates,
+            self.influx_unexpected,
+            self.agreement_percent
+        )
+    }
+}
+
 impl From<&Verdict> for LedgerFigures {
     fn from(v: &Verdict) -> Self {
         Self {
@@ -232,6 +253,19 @@ impl Report {
         }
     }
 
+    /// "Highest load that met ...", with the load's label as given.
+    fn capacity_sentence(&self, c: &Capacity, label: &str) -> String {
+        format!(
+            "Highest load that met p95 ≤ {} ms and error rate ≤ {}: {label}, {:.1} events/s accepted, p95 {:.1} ms, end-to-end p99 {}.",
+            self.targets.p95_ms,
+            self.targets.max_error_rate,
+            c.events_per_s,
+            c.accept_p95_ms,
+            c.end_to_end_p99_ms
+                .map_or_else(|| "not measured".to_owned(), |v| format!("{v:.1} ms"))
+        )
+    }
+
     /// The terminal summary.
     pub fn markdown(&self) -> String {
         let mut md = String::new();
@@ -293,17 +327,7 @@ impl Report {
         md.push('\n');
         match &self.capacity {
             Some(c) => {
-                let _ = writeln!(
-                    md,
-                    "Highest load that met p95 ≤ {} ms and error rate ≤ {}: **{}**, {:.1} events/s accepted, p95 {:.1} ms, end-to-end p99 {}.",
-                    self.targets.p95_ms,
-                    self.targets.max_error_rate,
-                    c.label,
-                    c.events_per_s,
-                    c.accept_p95_ms,
-                    c.end_to_end_p99_ms
-                        .map_or_else(|| "not measured".to_owned(), |v| format!("{v:.1} ms"))
-                );
+                let _ = writeln!(md, "{}", self.capacity_sentence(c, &c.label));
             }
             None => {
                 let _ = writeln!(md, "No phase met the targets.");
@@ -317,23 +341,8 @@ impl Report {
             );
         }
         if let Some(l) = &self.ledger {
-            let _ = writeln!(
-                md,
-                "\nLedger: {} acknowledged, {} refused, {} unknown. Postgres: {} stored, {} lost, {} duplicates, {} unexpected. InfluxDB: {} stored, {} lost, {} duplicates, {} unexpected. Agreement {:.2} %. **{}**",
-                l.acknowledged,
-                l.refused,
-                l.unknown,
-                l.postgres_stored,
-                l.postgres_lost,
-                l.postgres_duplicates,
-                l.postgres_unexpected,
-                l.influx_stored,
-                l.influx_lost,
-                l.influx_duplicates,
-                l.influx_unexpected,
-                l.agreement_percent,
-                if l.passed { "PASS" } else { "FAIL" }
-            );
+            let verdict = if l.passed { "PASS" } else { "FAIL" };
+            let _ = writeln!(md, "\n{}: **{verdict}**", l.sentence());
         }
         if self.end_to_end_unseen > 0 || self.socket_resyncs > 0 || self.socket_reconnections > 0 {
             let _ = writeln!(
@@ -417,17 +426,8 @@ figcaption {{ font-weight: 600; margin-bottom: .3em; }}
             html.push_str("</ul>\n");
         }
         if let Some(c) = &self.capacity {
-            let _ = writeln!(
-                html,
-                "<p>Highest load that met p95 ≤ {} ms and error rate ≤ {}: <b>{}</b>, {:.1} events/s accepted, p95 {:.1} ms, end-to-end p99 {}.</p>",
-                self.targets.p95_ms,
-                self.targets.max_error_rate,
-                escape(&c.label),
-                c.events_per_s,
-                c.accept_p95_ms,
-                c.end_to_end_p99_ms
-                    .map_or_else(|| "not measured".to_owned(), |v| format!("{v:.1} ms"))
-            );
+            let label = format!("<b>{}</b>", escape(&c.label));
+            let _ = writeln!(html, "<p>{}</p>", self.capacity_sentence(c, &label));
         }
         html.push_str("<table><tr><th>phase</th><th>load</th><th>offered ev/s</th><th>achieved ev/s</th><th>p50 ms</th><th>p95 ms</th><th>p99 ms</th><th>max ms</th><th>e2e p99 ms</th><th>errors</th><th>statuses</th><th>targets</th></tr>\n");
         for p in &self.phases {
@@ -457,23 +457,15 @@ figcaption {{ font-weight: 600; margin-bottom: .3em; }}
         }
         html.push_str("</table>\n");
         if let Some(l) = &self.ledger {
+            let (class, verdict) = if l.passed {
+                ("pass", "PASS")
+            } else {
+                ("fail", "FAIL")
+            };
             let _ = writeln!(
                 html,
-                "<p>Ledger check: {} acknowledged, {} refused, {} unknown; Postgres {} stored, {} lost, {} duplicates, {} unexpected; InfluxDB {} stored, {} lost, {} duplicates, {} unexpected; agreement {:.2} %: <span class=\"{}\">{}</span></p>",
-                l.acknowledged,
-                l.refused,
-                l.unknown,
-                l.postgres_stored,
-                l.postgres_lost,
-                l.postgres_duplicates,
-                l.postgres_unexpected,
-                l.influx_stored,
-                l.influx_lost,
-                l.influx_duplicates,
-                l.influx_unexpected,
-                l.agreement_percent,
-                if l.passed { "pass" } else { "fail" },
-                if l.passed { "PASS" } else { "FAIL" }
+                "<p>{}: <span class=\"{class}\">{verdict}</span></p>",
+                l.sentence()
             );
         }
         for (id, caption, svg) in &charts {
@@ -546,6 +538,43 @@ fn plot_error<E: std::error::Error + Send + Sync + 'static>(
     error: plotters::drawing::DrawingAreaErrorKind<E>,
 ) -> anyhow::Error {
     anyhow::anyhow!("drawing a chart: {error}")
+}
+
+/// A chart of this module: SVG, f64 on both axes (linear or log).
+type Chart<'a, 'b, X, Y> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<X, Y>>;
+
+/// A named line, in the legend too.
+fn line<X, Y>(
+    chart: &mut Chart<'_, '_, X, Y>,
+    points: impl IntoIterator<Item = (f64, f64)>,
+    style: ShapeStyle,
+    name: &str,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(points, style))
+        .map_err(plot_error)?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], style));
+    Ok(())
+}
+
+/// The legend, top left.
+fn legend<'b, X, Y>(chart: &mut Chart<'b, 'b, X, Y>) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(plot_error)
 }
 
 /// Shades fault windows and marks phase starts on a time chart.
@@ -635,28 +664,14 @@ fn throughput_chart(report: &Report) -> anyhow::Result<String> {
             ),
         ];
         for (name, value, color, width) in series {
-            chart
-                .draw_series(LineSeries::new(
-                    report
-                        .timeline
-                        .iter()
-                        .enumerate()
-                        .map(|(t, s)| (t as f64 + 0.5, value(s) as f64)),
-                    color.stroke_width(width),
-                ))
-                .map_err(plot_error)?
-                .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2))
-                });
+            let points = report
+                .timeline
+                .iter()
+                .enumerate()
+                .map(|(t, s)| (t as f64 + 0.5, value(s) as f64));
+            line(&mut chart, points, color.stroke_width(width), name)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(plot_error)?;
+        legend(&mut chart)?;
         root.present().map_err(plot_error)?;
     }
     Ok(svg)
@@ -703,16 +718,12 @@ fn latency_chart(report: &Report) -> anyhow::Result<String> {
             .draw()
             .map_err(plot_error)?;
         let target = report.targets.p95_ms;
-        chart
-            .draw_series(LineSeries::new(
-                [(-0.5, target), (phases as f64 - 0.5, target)],
-                RGBColor(214, 39, 40).mix(0.5).stroke_width(1),
-            ))
-            .map_err(plot_error)?
-            .label(format!("target p95 {target} ms"))
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x, y), (x + 15, y)], RGBColor(214, 39, 40).mix(0.5))
-            });
+        line(
+            &mut chart,
+            [(-0.5, target), (phases as f64 - 0.5, target)],
+            PALETTE[1].mix(0.5).stroke_width(1),
+            &format!("target p95 {target} ms"),
+        )?;
         let series: [PhaseSeries; 4] = [
             ("accept p50", |p| Some(p.accept_latency_ms.p50)),
             ("accept p95", |p| Some(p.accept_latency_ms.p95)),
@@ -729,13 +740,7 @@ fn latency_chart(report: &Report) -> anyhow::Result<String> {
             if points.is_empty() {
                 continue;
             }
-            chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                .map_err(plot_error)?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2))
-                });
+            line(&mut chart, points.clone(), color.stroke_width(2), name)?;
             chart
                 .draw_series(
                     points
@@ -744,13 +749,7 @@ fn latency_chart(report: &Report) -> anyhow::Result<String> {
                 )
                 .map_err(plot_error)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(plot_error)?;
+        legend(&mut chart)?;
         root.present().map_err(plot_error)?;
     }
     Ok(svg)
@@ -809,27 +808,13 @@ fn resource_chart(report: &Report, resource: Resource) -> anyhow::Result<String>
         time_marks(&mut chart, report, y_max)?;
         for (i, group) in groups.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
-            chart
-                .draw_series(LineSeries::new(
-                    report
-                        .resources
-                        .iter()
-                        .filter_map(|s| value(s, group).map(|v| (s.t, v))),
-                    color.stroke_width(2),
-                ))
-                .map_err(plot_error)?
-                .label(group.as_str())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2))
-                });
+            let points = report
+                .resources
+                .iter()
+                .filter_map(|s| value(s, group).map(|v| (s.t, v)));
+            line(&mut chart, points, color.stroke_width(2), group)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(plot_error)?;
+        legend(&mut chart)?;
         root.present().map_err(plot_error)?;
     }
     Ok(svg)

@@ -18,6 +18,9 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use super::stats::{PhaseTally, record};
 
+/// The largest message the instructor's socket takes.
+const SNAPSHOT_LIMIT: usize = 512 << 20;
+
 /// Where the instructor's socket goes.
 #[derive(Debug, Clone)]
 pub struct GatewaySpec {
@@ -107,7 +110,13 @@ pub async fn connect(
         "Sec-WebSocket-Protocol",
         HeaderValue::from_str(&format!("cellmon.v1, cellmon.jwt.{}", spec.token))?,
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    // A class of tens of thousands of simulated students has a snapshot of
+    // tens of MB, past the client's default 16 MiB message limit.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(SNAPSHOT_LIMIT))
+        .max_frame_size(Some(SNAPSHOT_LIMIT));
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
     let subscribe = serde_json::json!({"type": "subscribe", "classId": spec.class});
     socket.send(Message::text(subscribe.to_string())).await?;
     loop {
