@@ -60,8 +60,8 @@ enum Cmd {
         #[arg(long, hide = true, requires = "serve")]
         log_file: Option<PathBuf>,
     },
-    /// Simulate a class against a running system (`harness up`, or any
-    /// URL): staged phases of students (10, 25, 50, 75, 100, then more until
+    /// Simulate a class against a running system on this machine (`harness
+    /// up`, or any loopback URL): staged phases of students (10, 25, 50, 75, 100, then more until
     /// a phase misses the targets), open-loop; then the ledger check and a
     /// report (report.json, report.html, report.md). Exits with 1 when the
     /// run misses the targets or the ledger check fails.
@@ -541,6 +541,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    anyhow::ensure!(
+        cellmon_harness::load::is_loopback_url(&events_url),
+        "{events_url} is not on this machine: harness load sends from loopback addresses only"
+    );
     anyhow::ensure!(
         args.run_min_s > 0.0 && args.run_max_s >= args.run_min_s,
         "--run-min-s must be positive and at most --run-max-s"

@@ -450,9 +450,25 @@ fn route_direct(hub: &Hub, text: &str, received: Instant) {
 }
 
 /// Re-delivers what each room missed while pub/sub was away.
+/// Tries of one class's catch-up before its sockets are told to resync.
+const CATCH_UP_ATTEMPTS: u32 = 3;
+
 async fn catch_up(hub: &Hub, control: &mut ConnectionManager, keys: &StreamKeys) {
     for (class, epoch, offset) in hub.positions() {
-        match live::since(control, keys, class, &epoch, offset).await {
+        // The control connection may have died in the same outage: the
+        // manager reconnects after a failed command, so try again.
+        let mut attempt = 0;
+        let caught_up = loop {
+            match live::since(control, keys, class, &epoch, offset).await {
+                Err(error) if attempt < CATCH_UP_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::debug!(%error, %class, attempt, "catch-up failed; again");
+                    tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                }
+                result => break result,
+            }
+        };
+        match caught_up {
             Ok(Since::Messages(messages)) => {
                 for message in messages {
                     let Ok(text) = serde_json::to_string(&message) else {
@@ -465,7 +481,11 @@ async fn catch_up(hub: &Hub, control: &mut ConnectionManager, keys: &StreamKeys)
                 }
             }
             Ok(Since::Gone) => hub.restart(class),
-            Err(error) => tracing::warn!(%error, %class, "cannot catch up a class"),
+            Err(error) => {
+                // Not silently behind: its sockets take a fresh snapshot.
+                tracing::warn!(%error, %class, "cannot catch up a class; its sockets resync");
+                hub.restart(class);
+            }
         }
     }
 }

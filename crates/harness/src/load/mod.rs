@@ -184,6 +184,25 @@ pub struct RunResult {
     pub stopped_by_bound: bool,
 }
 
+/// Whether `url` points at this machine (`harness load` sends from
+/// loopback addresses only, and never loads anyone else's server).
+pub fn is_loopback_url(url: &str) -> bool {
+    let Some(rest) = url.split("://").nth(1) else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host_port.split(':').next().unwrap_or_default()
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The next ramp step after `n` students: 1, 2.5, 5 per decade.
 pub fn next_step(n: u32) -> u32 {
     let mut decade = 1u64;
@@ -674,6 +693,26 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_this_machine_is_loaded() {
+        for url in [
+            "http://127.0.0.1:8080/api/v1/events?token=x",
+            "http://localhost:8080/api/v1/events",
+            "http://[::1]:8080/api/v1/events",
+            "http://127.3.2.1/api/v1/events",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:8080/api/v1/events",
+            "https://example.ac.jp/api/v1/events",
+            "http://127.0.0.1.example.ac.jp/x",
+            "127.0.0.1:8080",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
 
     #[test]
     fn the_ramp_goes_1_2_5_per_decade() {
