@@ -14,5 +14,5 @@ done
 log "installing chromium"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >/dev/null
-apt-get install -y -q --no-install-recommends chromium >/dev/null
+apt-get install -y -q chromium >/dev/null
 command -v chromium >/dev/null
