@@ -187,6 +187,7 @@ struct LoadArgs {
     /// (events/s), spread over --rate-students.
     #[arg(long)]
     rate: Option<f64>,
+    /// Students a fixed rate is spread over.
     #[arg(long, default_value_t = 100)]
     rate_students: u32,
     /// Seconds per phase.
@@ -206,9 +207,22 @@ struct LoadArgs {
     run_min_s: f64,
     #[arg(long, default_value_t = 18.0)]
     run_max_s: f64,
-    /// Share of cell runs that fail.
+    /// Share of cell runs that fail (stuck runs included).
     #[arg(long, default_value_t = 0.15)]
     failure_rate: f64,
+    /// Chance that a failure leaves the student stuck on that cell for two
+    /// more failing runs (a significant error on dashboards).
+    #[arg(long, default_value_t = 0.25)]
+    stuck_chance: f64,
+    /// Chance that a stuck student turns help on (until the cell works).
+    #[arg(long, default_value_t = 0.4)]
+    help_chance: f64,
+    /// Seconds between the `help` events of a student whose toggle is on.
+    #[arg(long, default_value_t = 10.0)]
+    help_heartbeat_s: f64,
+    /// Chance per run of a new cell that the student opens another notebook.
+    #[arg(long, default_value_t = 0.03)]
+    open_chance: f64,
     /// Target: accept latency p95 of each phase, ms.
     #[arg(long, default_value_t = 500.0)]
     p95_ms: f64,
@@ -549,9 +563,20 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         args.run_min_s > 0.0 && args.run_max_s >= args.run_min_s,
         "--run-min-s must be positive and at most --run-max-s"
     );
+    for (flag, share) in [
+        ("--failure-rate", args.failure_rate),
+        ("--stuck-chance", args.stuck_chance),
+        ("--help-chance", args.help_chance),
+        ("--open-chance", args.open_chance),
+    ] {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&share),
+            "{flag} is a share between 0 and 1"
+        );
+    }
     anyhow::ensure!(
-        (0.0..=1.0).contains(&args.failure_rate),
-        "--failure-rate is a share between 0 and 1"
+        args.help_heartbeat_s >= 1.0,
+        "--help-heartbeat-s must be at least 1"
     );
     anyhow::ensure!(args.phase_secs > 0, "--phase-secs must be positive");
     let phases: Vec<PhaseSpec> = match args.rate {
@@ -626,6 +651,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         run_min: Duration::from_secs_f64(args.run_min_s),
         run_max: Duration::from_secs_f64(args.run_max_s),
         failure_rate: args.failure_rate,
+        stuck_chance: args.stuck_chance,
+        help_chance: args.help_chance,
+        help_heartbeat: Duration::from_secs_f64(args.help_heartbeat_s),
+        open_chance: args.open_chance,
         ..Behaviour::default()
     };
     let listed = phases.len();
