@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -563,7 +564,7 @@ where
 }
 
 /// The legend, top left.
-fn legend<'b, X, Y>(chart: &mut Chart<'b, 'b, X, Y>) -> anyhow::Result<()>
+fn legend<'a, 'b: 'a, X, Y>(chart: &mut Chart<'a, 'b, X, Y>) -> anyhow::Result<()>
 where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
@@ -575,6 +576,31 @@ where
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(plot_error)
+}
+
+/// A chart over the run's seconds, with its axes, fault windows and phase
+/// starts drawn.
+fn time_chart<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    report: &Report,
+    seconds: f64,
+    y_max: f64,
+    unit: &str,
+) -> anyhow::Result<Chart<'a, 'b, RangedCoordf64, RangedCoordf64>> {
+    let mut chart = ChartBuilder::on(root)
+        .margin(10)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..seconds, 0f64..y_max)
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds since start (numbers: phase starts)")
+        .y_desc(unit)
+        .draw()
+        .map_err(plot_error)?;
+    time_marks(&mut chart, report, y_max)?;
+    Ok(chart)
 }
 
 /// Shades fault windows and marks phase starts on a time chart.
@@ -638,19 +664,7 @@ fn throughput_chart(report: &Report) -> anyhow::Result<String> {
             .unwrap_or(1)
             .max(1) as f64
             * 1.1;
-        let mut chart = ChartBuilder::on(&root)
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..seconds, 0f64..y_max)
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds since start (numbers: phase starts)")
-            .y_desc("events/s")
-            .draw()
-            .map_err(plot_error)?;
-        time_marks(&mut chart, report, y_max)?;
+        let mut chart = time_chart(&root, report, seconds, y_max, "events/s")?;
         // Offered is wide and pale underneath: where the server keeps up,
         // accepted runs along its middle.
         let series: [TimeSeries; 3] = [
@@ -790,22 +804,11 @@ fn resource_chart(report: &Report, resource: Resource) -> anyhow::Result<String>
             .flat_map(|s| groups.iter().filter_map(move |g| value(s, g)))
             .fold(1.0, f64::max)
             * 1.1;
-        let mut chart = ChartBuilder::on(&root)
-            .margin(10)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..seconds, 0f64..y_max)
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds since start (numbers: phase starts)")
-            .y_desc(match resource {
-                Resource::Cpu => "% of one core",
-                Resource::Rss => "MiB",
-            })
-            .draw()
-            .map_err(plot_error)?;
-        time_marks(&mut chart, report, y_max)?;
+        let unit = match resource {
+            Resource::Cpu => "% of one core",
+            Resource::Rss => "MiB",
+        };
+        let mut chart = time_chart(&root, report, seconds, y_max, unit)?;
         for (i, group) in groups.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
             let points = report
