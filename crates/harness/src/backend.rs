@@ -31,6 +31,16 @@ impl BackendKind {
         }
     }
 
+    /// The environment variable with this backend's URL, as `harness up`
+    /// prints it.
+    pub const fn url_var(self) -> &'static str {
+        match self {
+            Self::Postgres => "CELLMON_POSTGRES_URL",
+            Self::Redis => "CELLMON_REDIS_URL",
+            Self::Influx => "CELLMON_INFLUXDB_URL",
+        }
+    }
+
     /// The environment variable that names this backend's image.
     pub const fn image_var(self) -> &'static str {
         match self {

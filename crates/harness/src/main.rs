@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use cellmon_harness::backend::BackendKind;
 use cellmon_harness::chaos::{self, ChaosSpec, Scenario};
 use cellmon_harness::docker::Docker;
 use cellmon_harness::influx::InfluxClient;
 use cellmon_harness::load::behaviour::Behaviour;
-use cellmon_harness::load::sampler::{SamplerSpec, port_of};
+use cellmon_harness::load::sampler::{SamplerSpec, backend_ports};
 use cellmon_harness::load::subscriber::GatewaySpec;
 use cellmon_harness::load::{LoadSpec, PhaseSpec, Targets};
 use cellmon_harness::report::Report;
@@ -369,17 +370,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate > 0.0 && duration >= 3,
                 "--rate must be positive and --duration at least 3 s"
             );
-            let mut spec = ChaosSpec::new(rate, Duration::from_secs(duration));
+            let mut spec = ChaosSpec::new(scenario, rate, Duration::from_secs(duration));
             spec.targets.max_error_rate = max_error_rate;
-            spec.targets.p95_ms = p95_ms.unwrap_or(match scenario {
-                Scenario::RedisHang => {
-                    cellmon_ingest::Config::default()
-                        .redis_timeout()
-                        .as_millis() as f64
-                        + 100.0
-                }
-                _ => 500.0,
-            });
+            if let Some(p95_ms) = p95_ms {
+                spec.targets.p95_ms = p95_ms;
+            }
             spec.progress = !quiet;
             let docker = Docker::connect().await?;
             eprintln!(
@@ -599,6 +594,11 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
                 .collect()
         }
     };
+    let class = args.class.or_else(|| {
+        defaults
+            .get("CELLMON_CLASS_ID")
+            .and_then(|c| c.parse().ok())
+    });
     let gateway = if args.no_socket {
         None
     } else {
@@ -608,11 +608,6 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         let token = args
             .instructor_token
             .or_else(|| defaults.get("CELLMON_INSTRUCTOR_TOKEN"));
-        let class = args.class.or_else(|| {
-            defaults
-                .get("CELLMON_CLASS_ID")
-                .and_then(|c| c.parse().ok())
-        });
         match (url, token, class) {
             (Some(url), Some(token), Some(class)) => Some(GatewaySpec { url, token, class }),
             _ => {
@@ -631,17 +626,11 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     {
         server_pids.push(pid);
     }
-    let backend_ports = [
-        ("postgres", "CELLMON_POSTGRES_URL"),
-        ("redis", "CELLMON_REDIS_URL"),
-        ("influxdb", "CELLMON_INFLUXDB_URL"),
-    ]
-    .into_iter()
-    .filter_map(|(name, key)| {
-        let port = defaults.get(key).as_deref().and_then(port_of)?;
-        Some((name.to_owned(), port))
-    })
-    .collect();
+    let backend_ports = backend_ports(
+        BackendKind::ALL
+            .into_iter()
+            .filter_map(|kind| Some((kind, defaults.get(kind.url_var())?))),
+    );
     let targets = Targets {
         p95_ms: args.p95_ms,
         max_error_rate: args.max_error_rate,
@@ -657,14 +646,13 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         open_chance: args.open_chance,
         ..Behaviour::default()
     };
-    let listed = phases.len();
     let spec = LoadSpec {
         events_url,
         phases,
         ramp: !args.no_ramp && args.rate.is_none(),
         max_students: args.max_students,
         phase_duration: Duration::from_secs(args.phase_secs),
-        behaviour: behaviour.clone(),
+        behaviour,
         max_in_flight: args.max_in_flight,
         clients: args.clients,
         max_events: args.max_events,
@@ -679,7 +667,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         ..LoadSpec::default()
     };
     let started_at = cellmon_harness::report::now_rfc3339();
-    let (result, ledger) = cellmon_harness::load::run(spec).await?;
+    let (result, ledger) = cellmon_harness::load::run(&spec).await?;
     std::fs::create_dir_all(&args.out)?;
     let ledger_path = args.out.join("ledger.jsonl");
     ledger.write(&ledger_path)?;
@@ -701,11 +689,6 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
                 .influx_database
                 .or_else(|| defaults.get("CELLMON_INFLUX_DATABASE"))
                 .unwrap_or_else(|| "cellmon".to_owned());
-            let class = args.class.or_else(|| {
-                defaults
-                    .get("CELLMON_CLASS_ID")
-                    .and_then(|c| c.parse().ok())
-            });
             let pool = sqlx::PgPool::connect(&postgres).await?;
             let influx = InfluxClient::new(&influx_url)?;
             let verdict = verify::verify_until(
@@ -733,10 +716,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         "load".to_owned(),
         command_line(),
         started_at,
-        targets,
-        behaviour,
-        args.phase_secs as f64,
-        listed,
+        &spec,
         result,
         Vec::new(),
         verdict.as_ref(),

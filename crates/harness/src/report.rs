@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::load::behaviour::Behaviour;
 use crate::load::sampler::Sample;
 use crate::load::stats::Second;
-use crate::load::{PhaseResult, RunResult, Targets};
+use crate::load::{LoadSpec, PhaseResult, RunResult, Targets};
 use crate::verify::Verdict;
 
 /// The JSON schema's name and version; bumped on any incompatible change.
@@ -172,19 +172,16 @@ impl Report {
     /// Judges a run against the targets: every listed phase met them, the
     /// best phase reached the rate asked for, and the ledger check passed
     /// (when it ran).
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: String,
         command: String,
         started_at: String,
-        targets: Targets,
-        behaviour: Behaviour,
-        phase_duration_s: f64,
-        listed_phases: usize,
+        spec: &LoadSpec,
         run: RunResult,
         faults: Vec<FaultWindow>,
         verdict: Option<&Verdict>,
     ) -> Self {
+        let targets = spec.targets;
         let capacity = run
             .phases
             .iter()
@@ -202,7 +199,7 @@ impl Report {
                 end_to_end_p99_ms: p.end_to_end_ms.map(|e| e.p99),
             });
         let mut reasons = Vec::new();
-        for phase in run.phases.iter().take(listed_phases) {
+        for phase in run.phases.iter().take(spec.phases.len()) {
             if !phase.met_targets {
                 reasons.push(format!(
                     "phase {} ({}) missed the targets: p95 {:.1} ms (target {} ms), error rate {:.4} (target {})",
@@ -235,8 +232,8 @@ impl Report {
             command,
             machine: Machine::this(),
             targets,
-            behaviour,
-            phase_duration_s,
+            behaviour: spec.behaviour.clone(),
+            phase_duration_s: spec.phase_duration.as_secs_f64(),
             phases: run.phases,
             capacity,
             timeline: run.timeline,

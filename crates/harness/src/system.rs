@@ -159,10 +159,7 @@ impl LocalSystem {
     pub fn env(&self) -> Vec<(String, String)> {
         let mut env = Vec::new();
         for kind in BackendKind::ALL {
-            env.push((
-                format!("CELLMON_{}_URL", kind.name().to_uppercase()),
-                self.stack.backend(kind).url(),
-            ));
+            env.push((kind.url_var().to_owned(), self.stack.backend(kind).url()));
         }
         let mut set = |key: &str, value: String| env.push((key.to_owned(), value));
         set("CELLMON_DATABASE_URL", self.database_url.clone());

@@ -11,8 +11,8 @@ use cellmon_harness::chaos::{self, ChaosSpec, Scenario};
 use cellmon_harness::docker::Docker;
 use cellmon_harness::system::LocalSystem;
 
-fn spec() -> ChaosSpec {
-    let mut spec = ChaosSpec::new(100.0, Duration::from_secs(12));
+fn spec(scenario: Scenario) -> ChaosSpec {
+    let mut spec = ChaosSpec::new(scenario, 100.0, Duration::from_secs(12));
     spec.fault_at = Duration::from_secs(3);
     spec.fault_for = Duration::from_secs(5);
     spec.verify_wait = Duration::from_secs(90);
@@ -27,7 +27,7 @@ async fn run(scenario: Scenario) -> anyhow::Result<cellmon_harness::report::Repo
     let outcome = chaos::run(
         &system,
         scenario,
-        &spec(),
+        &spec(scenario),
         format!("test {}", scenario.name()),
     )
     .await;

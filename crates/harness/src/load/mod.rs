@@ -181,7 +181,6 @@ pub struct RunResult {
     /// Resyncs and reconnections of the instructor's socket.
     pub socket: subscriber::Followed,
     pub wall_s: f64,
-    pub stopped_by_bound: bool,
 }
 
 /// Whether `url` points at this machine (`harness load` sends from
@@ -282,14 +281,13 @@ pub fn event_json(run: &str, phase: usize, arrival: &Arrival, id: uuid::Uuid, no
     format!("[{event}]")
 }
 
-/// What the workers share.
+/// What the answers of requests record, under one lock.
 #[derive(Debug, Default)]
-struct Shared {
-    tallies: Arc<Mutex<Vec<PhaseTally>>>,
-    timeline: Mutex<Timeline>,
-    ledger: Mutex<Ledger>,
-    pending: Arc<Mutex<Pending>>,
-    late: Mutex<u64>,
+struct Records {
+    /// Per phase.
+    tallies: Vec<PhaseTally>,
+    timeline: Timeline,
+    ledger: Ledger,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -300,7 +298,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Runs the phases; returns the results and the ledger of every event.
-pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
+pub async fn run(spec: &LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
     anyhow::ensure!(!spec.phases.is_empty(), "no phases to run");
     let run_id = format!("{:06x}", fastrand::u32(..0x100_0000));
     let clients: Vec<reqwest::Client> = (1..=spec.clients.max(1))
@@ -312,7 +310,8 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
                 .build()
         })
         .collect::<Result<_, _>>()?;
-    let shared = Arc::new(Shared::default());
+    let records = Arc::new(Mutex::new(Records::default()));
+    let pending = Arc::new(Mutex::new(Pending::default()));
     let started = Instant::now();
     let (stop, stopped) = tokio::sync::watch::channel(false);
 
@@ -338,13 +337,13 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
     let following = match &spec.gateway {
         Some(gateway) => {
             // Fail now, with the reason, rather than report no latency.
-            drop(subscriber::connect(gateway).await.map_err(|e| {
+            let socket = subscriber::connect(gateway).await.map_err(|e| {
                 anyhow::anyhow!("cannot follow the class on {}: {e:#}", gateway.url)
-            })?);
+            })?;
             Some(tokio::spawn(subscriber::follow(
                 gateway.clone(),
-                Arc::clone(&shared.pending),
-                Arc::clone(&shared.tallies),
+                socket,
+                Arc::clone(&pending),
                 stopped.clone(),
             )))
         }
@@ -355,10 +354,9 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
     let mut queue: std::collections::VecDeque<PhaseSpec> = spec.phases.iter().copied().collect();
     let listed = queue.len();
     let mut sent_total = 0u64;
-    let mut stopped_by_bound = false;
     while let Some(phase_spec) = queue.pop_front() {
         let index = phases.len();
-        lock(&shared.tallies).push(PhaseTally::default());
+        lock(&records).tallies.push(PhaseTally::default());
         let seed = spec.seed.wrapping_add(index as u64);
         let schedule = match phase_spec {
             PhaseSpec::Students(n) => {
@@ -376,7 +374,7 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
             ),
         };
         let phase_start = Instant::now();
-        let progress = Progress::start(&spec, index, &phase_spec, Arc::clone(&shared), phase_start);
+        let progress = Progress::start(spec, index, &phase_spec, Arc::clone(&records), phase_start);
         let limit = spec.max_events.saturating_sub(sent_total);
         let done = dispatch::dispatch(
             phase_start,
@@ -385,22 +383,20 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
             limit,
             |arrival, scheduled| {
                 let id = uuid::Uuid::new_v4();
-                let now = time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default();
-                let body = event_json(&run_id, index, &arrival, id, &now);
+                let body = event_json(&run_id, index, &arrival, id, &crate::report::now_rfc3339());
+                // Runs are only tracked when a socket will see them.
                 let run = match arrival.action {
-                    Action::RunCell { execution, .. } => {
+                    Action::RunCell { execution, .. } if spec.gateway.is_some() => {
                         let email = email(&run_id, index, arrival.student);
-                        lock(&shared.pending).sent(&email, execution, index, scheduled);
+                        lock(&pending).sent(&email, execution, index, scheduled);
                         Some((email, execution))
                     }
                     _ => None,
                 };
-                lock(&shared.timeline).offered(scheduled - started);
+                lock(&records).timeline.offered(scheduled - started);
                 let http = clients[arrival.student as usize % clients.len()].clone();
                 let url = spec.events_url.clone();
-                let shared = Arc::clone(&shared);
+                let (records, pending) = (Arc::clone(&records), Arc::clone(&pending));
                 async move {
                     let result = http
                         .post(&url)
@@ -418,30 +414,32 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
                     };
                     let answered = Instant::now();
                     let accepted = status.is_some_and(|s| (200..300).contains(&s));
-                    if let Some(tally) = lock(&shared.tallies).get_mut(index) {
-                        tally.answer(status, answered - scheduled, answered - phase_start);
-                    }
-                    lock(&shared.timeline).answered(answered - started, accepted);
-                    if let (false, Some((email, execution))) = (accepted, &run) {
-                        lock(&shared.pending).forget(email, *execution);
-                    }
                     let outcome = match status {
                         None => Outcome::Unknown,
                         Some(_) if accepted => Outcome::Ok,
                         Some(_) => Outcome::Fail,
                     };
-                    lock(&shared.ledger).record(id, outcome);
+                    {
+                        let mut records = lock(&records);
+                        if let Some(tally) = records.tallies.get_mut(index) {
+                            tally.answer(status, answered - scheduled, answered - phase_start);
+                        }
+                        records.timeline.answered(answered - started, accepted);
+                        records.ledger.record(id, outcome);
+                    }
+                    if let (false, Some((email, execution))) = (accepted, &run) {
+                        lock(&pending).forget(email, *execution);
+                    }
                 }
             },
         )
         .await;
         sent_total += done.started;
-        *lock(&shared.late) += done.late;
         let dispatched = phase_start.elapsed();
         tokio::time::sleep(spec.settle).await;
         progress.finish();
 
-        let tally = lock(&shared.tallies)[index].clone();
+        let tally = lock(&records).tallies[index].clone();
         let duration = spec
             .phase_duration
             .min(dispatched.max(Duration::from_millis(1)));
@@ -459,7 +457,6 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
         eprintln!("{}", phase_line(&result));
         phases.push(result);
         if sent_total >= spec.max_events {
-            stopped_by_bound = true;
             eprintln!(
                 "stopping: the bound of {} events is reached",
                 spec.max_events
@@ -479,7 +476,6 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
             if next <= spec.max_students {
                 queue.push_back(PhaseSpec::Students(next));
             } else {
-                stopped_by_bound = true;
                 eprintln!("stopping: the next step ({next} students) is past --max-students");
             }
         }
@@ -490,12 +486,12 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
     if spec.gateway.is_some() {
         let deadline = Instant::now() + spec.socket_wait;
         let mut said = false;
-        while !lock(&shared.pending).is_empty() && Instant::now() < deadline {
+        while !lock(&pending).is_empty() && Instant::now() < deadline {
             if !said {
                 eprintln!(
                     "waiting up to {} s for {} cell runs to show on the instructor socket ...",
                     spec.socket_wait.as_secs(),
-                    lock(&shared.pending).len()
+                    lock(&pending).len()
                 );
                 said = true;
             }
@@ -509,28 +505,24 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
         None => subscriber::Followed::default(),
     };
     // End-to-end figures, now that the socket is done.
-    let tallies = lock(&shared.tallies).clone();
-    for (phase, tally) in phases.iter_mut().zip(&tallies) {
-        phase.end_to_end_seen = tally.end_to_end.len();
-        phase.end_to_end_ms =
-            (!tally.end_to_end.is_empty()).then(|| Percentiles::from_micros(&tally.end_to_end));
+    let pending = std::mem::take(&mut *lock(&pending));
+    for phase in &mut phases {
+        if let Some(latencies) = pending.latencies(phase.index) {
+            phase.end_to_end_seen = latencies.len();
+            phase.end_to_end_ms = Some(Percentiles::from_micros(latencies));
+        }
     }
+    let mut records = std::mem::take(&mut *lock(&records));
     let result = RunResult {
         student_marker: student_marker(&run_id),
         phases,
-        timeline: lock(&shared.timeline).seconds().to_vec(),
+        timeline: records.timeline.seconds().to_vec(),
         samples: lock(&samples).clone(),
-        end_to_end_unseen: if spec.gateway.is_some() {
-            lock(&shared.pending).len() as u64
-        } else {
-            0
-        },
+        end_to_end_unseen: pending.len() as u64,
         socket,
         wall_s: started.elapsed().as_secs_f64(),
-        stopped_by_bound,
     };
-    let ledger = std::mem::take(&mut *lock(&shared.ledger));
-    Ok((result, ledger))
+    Ok((result, std::mem::take(&mut records.ledger)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -625,7 +617,7 @@ impl Progress {
         spec: &LoadSpec,
         index: usize,
         phase: &PhaseSpec,
-        shared: Arc<Shared>,
+        records: Arc<Mutex<Records>>,
         phase_start: Instant,
     ) -> Self {
         use std::io::IsTerminal as _;
@@ -654,8 +646,8 @@ impl Progress {
                 tick.tick().await;
                 let elapsed = phase_start.elapsed();
                 let (sent, accepted, failed, p95) = {
-                    let tallies = lock(&shared.tallies);
-                    let Some(t) = tallies.get(index) else {
+                    let records = lock(&records);
+                    let Some(t) = records.tallies.get(index) else {
                         continue;
                     };
                     (

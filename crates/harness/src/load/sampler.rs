@@ -167,6 +167,16 @@ fn parse_tcp_table(table: &str) -> Vec<u16> {
         .collect()
 }
 
+/// (name, port) of each backend, from (kind, URL): what
+/// [`SamplerSpec::backend_ports`] holds.
+pub fn backend_ports(
+    urls: impl IntoIterator<Item = (crate::backend::BackendKind, String)>,
+) -> Vec<(String, u16)> {
+    urls.into_iter()
+        .filter_map(|(kind, url)| Some((kind.name().to_owned(), port_of(&url)?)))
+        .collect()
+}
+
 /// The port of a URL like `redis://127.0.0.1:6379/0` or
 /// `postgres://user:pw@127.0.0.1:5432/db`.
 pub fn port_of(url: &str) -> Option<u16> {

@@ -1,6 +1,7 @@
-//! What a load run records: per phase, HDR histograms of accept latency and
-//! end-to-end latency, answers by status, and per second of the run, events
-//! offered, accepted and refused.
+//! What a load run records: per phase, an HDR histogram of accept latency
+//! and answers by status, and per second of the run, events offered,
+//! accepted and refused. (End-to-end latencies are kept with the runs they
+//! time, in `subscriber::Pending`.)
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,9 +51,6 @@ pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
 pub struct PhaseTally {
     /// From the scheduled instant of a POST to its answer.
     pub accept: Histogram<u64>,
-    /// From the scheduled instant of a POST to the `student_update` on the
-    /// instructor's socket that counts it.
-    pub end_to_end: Histogram<u64>,
     /// Answers by status code (`error` for no answer).
     pub statuses: BTreeMap<String, u64>,
     /// Events sent.
@@ -69,7 +67,6 @@ impl Default for PhaseTally {
     fn default() -> Self {
         Self {
             accept: histogram(),
-            end_to_end: histogram(),
             statuses: BTreeMap::new(),
             sent: 0,
             accepted: 0,
@@ -92,20 +89,6 @@ impl PhaseTally {
             self.failed += 1;
         }
         self.last_answer = self.last_answer.max(at);
-    }
-
-    /// Adds another tally (of the same phase, from another worker).
-    pub fn merge(&mut self, other: &PhaseTally) {
-        // Both histograms have the same bounds, so adding cannot fail.
-        let _ = self.accept.add(&other.accept);
-        let _ = self.end_to_end.add(&other.end_to_end);
-        for (status, n) in &other.statuses {
-            *self.statuses.entry(status.clone()).or_default() += n;
-        }
-        self.sent += other.sent;
-        self.accepted += other.accepted;
-        self.failed += other.failed;
-        self.last_answer = self.last_answer.max(other.last_answer);
     }
 
     /// Refused or unanswered share of events sent.
@@ -186,36 +169,27 @@ mod tests {
     }
 
     #[test]
-    fn merged_tallies_equal_one_tally_of_everything() {
-        let mut everything = PhaseTally::default();
-        let mut parts = [PhaseTally::default(), PhaseTally::default()];
+    fn a_tally_of_mixed_answers() {
+        let mut tally = PhaseTally::default();
         for n in 0..5000u64 {
-            // Two workers with very different latencies and answers.
+            // Very different latencies and answers in one phase.
             let (latency, status) = if n % 3 == 0 {
                 (ms(400 + n % 700), Some(503))
             } else {
                 (ms(1 + n % 40), Some(202))
             };
-            everything.answer(status, latency, ms(n));
-            parts[(n % 2) as usize].answer(status, latency, ms(n));
+            tally.answer(status, latency, ms(n));
         }
-        let mut merged = PhaseTally::default();
-        for part in &parts {
-            merged.merge(part);
-        }
+        assert_eq!(tally.statuses["202"], 3333);
+        assert_eq!(tally.statuses["503"], 1667);
         assert_eq!(
-            Percentiles::from_micros(&merged.accept),
-            Percentiles::from_micros(&everything.accept)
-        );
-        assert_eq!(merged.statuses, everything.statuses);
-        assert_eq!(
-            (merged.sent, merged.accepted, merged.failed),
+            (tally.sent, tally.accepted, tally.failed),
             (5000, 3333, 1667)
         );
-        assert_eq!(merged.last_answer, ms(4999));
-        assert!((merged.error_rate() - 1667.0 / 5000.0).abs() < 1e-12);
+        assert_eq!(tally.last_answer, ms(4999));
+        assert!((tally.error_rate() - 1667.0 / 5000.0).abs() < 1e-12);
         // A third of the answers are slow: p50 fast, p95 slow.
-        let p = Percentiles::from_micros(&merged.accept);
+        let p = Percentiles::from_micros(&tally.accept);
         assert!(p.p50 < 41.0 && p.p95 >= 400.0, "{p:?}");
     }
 

@@ -16,7 +16,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use super::stats::{PhaseTally, record};
+use hdrhistogram::Histogram;
+
+use super::stats::{histogram, record};
 
 /// The largest message the instructor's socket takes.
 const SNAPSHOT_LIMIT: usize = 512 << 20;
@@ -31,11 +33,13 @@ pub struct GatewaySpec {
     pub class: uuid::Uuid,
 }
 
-/// Runs sent but not seen yet on the socket: e-mail → execution → (phase,
-/// scheduled instant).
+/// Runs sent but not seen yet on the socket (e-mail → execution → (phase,
+/// scheduled instant)), and the end-to-end latencies of those seen, by
+/// phase.
 #[derive(Debug, Default)]
 pub struct Pending {
     runs: HashMap<String, BTreeMap<u32, (usize, Instant)>>,
+    latencies: Vec<Histogram<u64>>,
 }
 
 impl Pending {
@@ -66,6 +70,21 @@ impl Pending {
             .into_values()
             .map(|(phase, scheduled)| (phase, now.saturating_duration_since(scheduled)))
             .collect()
+    }
+
+    /// [`Self::seen`], recording the latencies.
+    fn record_seen(&mut self, email: &str, executions: u32, now: Instant) {
+        for (phase, latency) in self.seen(email, executions, now) {
+            if self.latencies.len() <= phase {
+                self.latencies.resize_with(phase + 1, histogram);
+            }
+            record(&mut self.latencies[phase], latency);
+        }
+    }
+
+    /// The end-to-end latencies seen for a phase's runs.
+    pub fn latencies(&self, phase: usize) -> Option<&Histogram<u64>> {
+        self.latencies.get(phase).filter(|h| !h.is_empty())
     }
 
     /// A run the server refused: no update will count it.
@@ -99,12 +118,12 @@ fn update_of(text: &str) -> Option<(String, u32)> {
     Some((email, executions))
 }
 
+/// An instructor's socket.
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// Opens the socket and subscribes; returns once the snapshot arrived.
-pub async fn connect(
-    spec: &GatewaySpec,
-) -> anyhow::Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-> {
+pub async fn connect(spec: &GatewaySpec) -> anyhow::Result<Socket> {
     let mut request = spec.url.as_str().into_client_request()?;
     request.headers_mut().insert(
         "Sec-WebSocket-Protocol",
@@ -144,18 +163,24 @@ pub struct Followed {
     pub reconnections: u64,
 }
 
-/// Reads the socket until `stop` fires, recording latencies into `tallies`
-/// (index = phase). Subscribes again when told to resync, and reconnects
-/// (with a fresh snapshot) if the gateway drops the socket.
+/// Reads `socket` (from [`connect`]) until `stop` fires, recording the
+/// latencies of the runs in `pending`. Subscribes again when told to
+/// resync, and reconnects (with a fresh snapshot) if the gateway drops the
+/// socket.
 pub async fn follow(
     spec: GatewaySpec,
+    socket: Socket,
     pending: Arc<Mutex<Pending>>,
-    tallies: Arc<Mutex<Vec<PhaseTally>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Followed {
     let mut followed = Followed::default();
+    let mut connected = Some(socket);
     loop {
-        let mut socket = match connect(&spec).await {
+        let next = match connected.take() {
+            Some(socket) => Ok(socket),
+            None => connect(&spec).await,
+        };
+        let mut socket = match next {
             Ok(socket) => socket,
             Err(error) => {
                 tracing::warn!("instructor socket: {error:#}");
@@ -194,19 +219,8 @@ pub async fn follow(
                         continue;
                     };
                     let now = Instant::now();
-                    let seen = pending
-                        .lock()
-                        .map(|mut p| p.seen(&email, executions, now))
-                        .unwrap_or_default();
-                    if seen.is_empty() {
-                        continue;
-                    }
-                    if let Ok(mut tallies) = tallies.lock() {
-                        for (phase, latency) in seen {
-                            if let Some(tally) = tallies.get_mut(phase) {
-                                record(&mut tally.end_to_end, latency);
-                            }
-                        }
+                    if let Ok(mut pending) = pending.lock() {
+                        pending.record_seen(&email, executions, now);
                     }
                 }
                 Some(Ok(_)) => {}
