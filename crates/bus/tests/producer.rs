@@ -8,8 +8,8 @@ use cellmon_bus::{Producer, ProducerConfig, PublishError, StreamKeys};
 use cellmon_domain::envelope::StreamEvent;
 use cellmon_domain::lms::ClassId;
 use cellmon_domain::{WireEvent, validate};
-use cellmon_harness::fixture::TestBackends;
-use cellmon_harness::proxy::Fault;
+use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::proxy::Fault;
 use redis::AsyncCommands as _;
 use redis::streams::StreamRangeReply;
 use time::macros::datetime;
@@ -96,7 +96,7 @@ async fn a_hung_redis_fails_within_the_timeout() -> anyhow::Result<()> {
     assert!(started.elapsed() < Duration::from_secs(5));
 
     backends.stack.redis.proxy().clear();
-    cellmon_harness::eventually(Duration::from_secs(10), || async {
+    cellmon_testkit::eventually(Duration::from_secs(10), || async {
         Ok(producer.publish(&events(ClassId::random(), 1, 1)).await?)
     })
     .await?;

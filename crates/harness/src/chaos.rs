@@ -10,15 +10,15 @@
 
 use std::time::Duration;
 
-use crate::backend::Backend;
-use crate::backend::BackendKind;
 use crate::load::sampler::{SamplerSpec, backend_ports};
 use crate::load::subscriber::GatewaySpec;
 use crate::load::{self, LoadSpec, PhaseSpec, Targets};
-use crate::proxy::Fault;
 use crate::report::{FaultWindow, Report};
 use crate::system::LocalSystem;
-use crate::verify::{self, Verdict};
+use cellmon_testkit::backend::Backend;
+use cellmon_testkit::backend::BackendKind;
+use cellmon_testkit::proxy::Fault;
+use cellmon_testkit::verify::{self, Verdict};
 
 /// The scenarios `harness chaos` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +171,7 @@ pub async fn verify_system(
     wait: Duration,
 ) -> anyhow::Result<Verdict> {
     let pool = sqlx::PgPool::connect(&system.database_url).await?;
-    let influx = crate::influx::InfluxClient::new(&system.stack.influx.url())?;
+    let influx = cellmon_testkit::influx::InfluxClient::new(&system.stack.influx.url())?;
     let verdict = verify::verify_until(
         ledger,
         &pool,
@@ -204,7 +204,7 @@ pub async fn run(
         progress: spec.progress,
         ..load_spec(system)
     };
-    let started_at = crate::report::now_rfc3339();
+    let started_at = crate::now_rfc3339();
     let t0 = std::time::Instant::now();
     let fault = async {
         tokio::time::sleep(spec.fault_at).await;

@@ -13,11 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cellmon_domain::event::StudentKey;
-use cellmon_domain::fields::Email;
-use cellmon_domain::live::{LiveBody, StudentRef, Unnumbered};
-use cellmon_domain::lms::{ClassId, StudentId};
-use cellmon_domain::status::{Status, StudentStatus};
+use cellmon_domain::live::Unnumbered;
+use cellmon_domain::lms::ClassId;
+use cellmon_testkit::sample::student_update;
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -69,18 +67,6 @@ pub struct FanoutReport {
     pub rss_per_socket_kib: Option<f64>,
 }
 
-/// The resident set of a process, in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 struct Reader {
     histogram: Histogram<u64>,
     delivered: u64,
@@ -117,7 +103,7 @@ pub async fn run(spec: FanoutSpec) -> anyhow::Result<FanoutReport> {
     let token = cellmon_gateway::auth::Verifier::new(&spec.jwt_secret.clone().into(), 0, 30)
         .issue_token(instructor, 24 * 3600)?;
 
-    let rss = |pid: Option<u32>| pid.and_then(rss_kib);
+    let rss = |pid: Option<u32>| pid.and_then(crate::procfs::rss_kib);
     let rss_before = rss(spec.gateway_pid);
     let started = Instant::now();
     let mut sockets = Vec::with_capacity(spec.sockets);
@@ -166,7 +152,7 @@ pub async fn run(spec: FanoutSpec) -> anyhow::Result<FanoutReport> {
     for tick in 0..ticks {
         interval.tick().await;
         let batch: Vec<Unnumbered> = (0..per_tick)
-            .map(|i| update(class, published + u64::from(i)))
+            .map(|i| student_update(class, published + u64::from(i)))
             .collect();
         let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         for i in 1..=u64::from(per_tick) {
@@ -296,35 +282,6 @@ async fn read(
         if offset >= last {
             return Ok(reader);
         }
-    }
-}
-
-/// A student update for one of 100 students, as the persister would publish
-/// it; `n` is its execution count.
-pub fn update(class: ClassId, n: u64) -> Unnumbered {
-    let student = n % 100;
-    Unnumbered {
-        class_id: class,
-        body: LiveBody::StudentUpdate {
-            student: StudentRef {
-                id: StudentId(uuid::Uuid::from_u128(u128::from(student) + 1)),
-                key: StudentKey::Email(
-                    Email::parse(&format!("student{student}@bench.invalid"))
-                        .unwrap_or_else(|_| unreachable!("a valid e-mail")),
-                ),
-                name: None,
-                team: None,
-            },
-            status: StudentStatus {
-                status: Status::Active,
-                help: Vec::new(),
-                significant_errors: Vec::new(),
-                last_execution_failed: false,
-                last_activity: None,
-                executions: u32::try_from(n).unwrap_or(u32::MAX),
-                failed_executions: 0,
-            },
-        },
     }
 }
 

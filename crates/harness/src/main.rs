@@ -1,5 +1,5 @@
-//! `harness`: run the backends locally, and serve as the test run's setup
-//! script. See `harness --help`.
+//! `harness`: run the whole system on this machine, load it, inject faults,
+//! check the ledger. See `harness --help`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,18 +7,18 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use cellmon_harness::backend::BackendKind;
 use cellmon_harness::chaos::{self, ChaosSpec, Scenario};
-use cellmon_harness::docker::Docker;
-use cellmon_harness::influx::InfluxClient;
 use cellmon_harness::load::behaviour::Behaviour;
 use cellmon_harness::load::sampler::{SamplerSpec, backend_ports};
 use cellmon_harness::load::subscriber::GatewaySpec;
 use cellmon_harness::load::{LoadSpec, PhaseSpec, Targets};
 use cellmon_harness::report::Report;
-use cellmon_harness::supervise;
 use cellmon_harness::system::LocalSystem;
-use cellmon_harness::verify::{self, Ledger};
+use cellmon_testkit::backend::BackendKind;
+use cellmon_testkit::docker::Docker;
+use cellmon_testkit::influx::InfluxClient;
+use cellmon_testkit::supervise;
+use cellmon_testkit::verify::{self, Ledger};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,18 +48,6 @@ enum Cmd {
         /// Port of the WebSocket gateway on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 8081)]
         gateway_port: u16,
-    },
-    /// nextest setup script: start the backends shared by one test run and
-    /// hand their addresses to the tests through $NEXTEST_ENV.
-    TestBackends {
-        #[arg(long, hide = true)]
-        serve: bool,
-        #[arg(long, hide = true, requires = "serve")]
-        watch_pid: Option<u32>,
-        #[arg(long, hide = true, requires = "serve")]
-        ready_file: Option<PathBuf>,
-        #[arg(long, hide = true, requires = "serve")]
-        log_file: Option<PathBuf>,
     },
     /// Simulate a class against a running system on this machine (`harness
     /// up`, or any loopback URL): staged phases of students (10, 25, 50, 75, 100, then more until
@@ -340,18 +328,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ingest_port,
             gateway_port,
         } => up(env_file, ingest_port, gateway_port).await?,
-        Cmd::TestBackends { serve: false, .. } => supervise::setup().await?,
-        Cmd::TestBackends {
-            serve: true,
-            watch_pid,
-            ready_file,
-            log_file,
-        } => {
-            let (Some(pid), Some(file)) = (watch_pid, ready_file) else {
-                anyhow::bail!("--serve needs --watch-pid and --ready-file");
-            };
-            supervise::serve(pid, &file, log_file.as_deref()).await?;
-        }
         Cmd::Load(args) => return load(*args).await,
         Cmd::Chaos {
             scenario,
@@ -666,7 +642,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         progress: !args.quiet,
         ..LoadSpec::default()
     };
-    let started_at = cellmon_harness::report::now_rfc3339();
+    let started_at = cellmon_harness::now_rfc3339();
     let (result, ledger) = cellmon_harness::load::run(&spec).await?;
     std::fs::create_dir_all(&args.out)?;
     let ledger_path = args.out.join("ledger.jsonl");

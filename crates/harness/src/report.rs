@@ -19,7 +19,7 @@ use crate::load::behaviour::Behaviour;
 use crate::load::sampler::Sample;
 use crate::load::stats::Second;
 use crate::load::{LoadSpec, PhaseResult, RunResult, Targets};
-use crate::verify::Verdict;
+use cellmon_testkit::verify::Verdict;
 
 /// The JSON schema's name and version; bumped on any incompatible change.
 pub const SCHEMA: &str = "cellmon.load-report.v1";
@@ -501,13 +501,6 @@ addEventListener("load", () => {
         std::fs::write(&paths[2], self.markdown())?;
         Ok(paths)
     }
-}
-
-/// The current time, RFC 3339 (UTC).
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 fn escape(text: &str) -> String {

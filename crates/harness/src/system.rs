@@ -10,9 +10,9 @@ use cellmon_domain::lms::ClassId;
 use cellmon_ingest::config::ClassToken;
 use tokio::task::JoinHandle;
 
-use crate::backend::BackendKind;
-use crate::docker::Docker;
-use crate::stack::Stack;
+use cellmon_testkit::backend::BackendKind;
+use cellmon_testkit::docker::Docker;
+use cellmon_testkit::stack::Stack;
 
 /// A running system.
 #[derive(Debug)]
@@ -63,7 +63,7 @@ impl LocalSystem {
             uuid::Uuid::new_v4().simple()
         ));
         // The persister writes to a database of its own, which it migrates.
-        let database_url = crate::pg::with_database(&stack.postgres.url(), "cellmon");
+        let database_url = cellmon_testkit::pg::with_database(&stack.postgres.url(), "cellmon");
         create_database(&stack.postgres.url(), "cellmon").await?;
         let mut config = cellmon_ingest::Config {
             role: cellmon_ingest::config::Role::All,

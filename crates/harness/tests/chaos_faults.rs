@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use cellmon_harness::chaos::{self, ChaosSpec, Scenario};
-use cellmon_harness::docker::Docker;
 use cellmon_harness::system::LocalSystem;
+use cellmon_testkit::docker::Docker;
 
 fn spec(scenario: Scenario) -> ChaosSpec {
     let mut spec = ChaosSpec::new(scenario, 100.0, Duration::from_secs(12));
@@ -21,7 +21,7 @@ fn spec(scenario: Scenario) -> ChaosSpec {
 }
 
 async fn run(scenario: Scenario) -> anyhow::Result<cellmon_harness::report::Report> {
-    cellmon_harness::init_test_tracing();
+    cellmon_testkit::init_test_tracing();
     let docker = Docker::connect().await?;
     let system = LocalSystem::start(&docker, 0, 0).await?;
     let outcome = chaos::run(

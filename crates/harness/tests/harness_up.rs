@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use cellmon_harness::backend::BackendKind;
-use cellmon_harness::docker::{Docker, LABEL, OWNER_LABEL};
+use cellmon_testkit::backend::BackendKind;
+use cellmon_testkit::docker::{Docker, LABEL, OWNER_LABEL};
 use tokio::process::Command;
 
 #[tokio::test]
@@ -22,7 +22,7 @@ async fn up_prints_working_urls_and_ctrl_c_removes_the_backends() -> anyhow::Res
         .spawn()?;
     let pid = child.id().expect("running child");
 
-    let env = cellmon_harness::eventually(Duration::from_secs(120), || async {
+    let env = cellmon_testkit::eventually(Duration::from_secs(120), || async {
         Ok(std::fs::read_to_string(&env_file)?)
     })
     .await?;

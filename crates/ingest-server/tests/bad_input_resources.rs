@@ -6,7 +6,7 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use cellmon_domain::lms::ClassId;
-use cellmon_harness::fixture::TestBackends;
+use cellmon_testkit::fixture::TestBackends;
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -44,7 +44,7 @@ async fn bad_input_answers_fast_and_memory_stays_bounded() -> anyhow::Result<()>
     let pid = child.id().expect("running");
     let url = format!("http://127.0.0.1:{port}/api/v1/events");
     let http = reqwest::Client::new();
-    cellmon_harness::eventually(Duration::from_secs(30), || async {
+    cellmon_testkit::eventually(Duration::from_secs(30), || async {
         anyhow::ensure!(
             http.get(format!("http://127.0.0.1:{port}/health/live"))
                 .send()

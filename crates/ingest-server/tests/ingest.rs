@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use cellmon_bus::StreamKeys;
 use cellmon_domain::lms::ClassId;
-use cellmon_harness::fixture::TestBackends;
-use cellmon_harness::proxy::Fault;
 use cellmon_ingest::config::RateLimit;
+use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::proxy::Fault;
 use serde_json::{Value, json};
 
 mod common;
@@ -407,7 +407,7 @@ async fn spool_full() -> anyhow::Result<()> {
     assert_stored_exactly(&ingest, &backends, &ok, &refused).await?;
 
     // Drained, the spool has room again for the next outage.
-    cellmon_harness::eventually(Duration::from_secs(10), || async {
+    cellmon_testkit::eventually(Duration::from_secs(10), || async {
         let text = ingest.metrics().await?;
         anyhow::ensure!(
             metric(&text, "cellmon_spool_pending_events") == Some(0.0),
@@ -461,7 +461,7 @@ async fn spool_corrupt() -> anyhow::Result<()> {
 
     // A new server starts fine, delivers every valid record, counts the damage.
     let second = Ingest::start_with_spool(&backends, spool_dir.path(), |_| {}).await?;
-    let stored = cellmon_harness::eventually(Duration::from_secs(15), || async {
+    let stored = cellmon_testkit::eventually(Duration::from_secs(15), || async {
         let stored: HashSet<String> = second.stored_ids(&backends).await?.into_iter().collect();
         anyhow::ensure!(stored.len() >= 28, "{} stored so far", stored.len());
         Ok(stored)
@@ -505,7 +505,7 @@ async fn ingest_kill() -> anyhow::Result<()> {
         .port();
     let url = format!("http://127.0.0.1:{port}");
     let wait_live = || async {
-        cellmon_harness::eventually(Duration::from_secs(30), || async {
+        cellmon_testkit::eventually(Duration::from_secs(30), || async {
             let status = reqwest::get(format!("{url}/health/live")).await?.status();
             anyhow::ensure!(status.is_success());
             Ok(())
@@ -528,7 +528,7 @@ async fn ingest_kill() -> anyhow::Result<()> {
     wait_live().await?;
     let keys = StreamKeys::new(backends.redis_prefix(), 4);
     let started = std::time::Instant::now();
-    cellmon_harness::eventually(Duration::from_secs(10), || async {
+    cellmon_testkit::eventually(Duration::from_secs(10), || async {
         let stored: HashSet<String> = stream_events(&backends.redis_url(), &keys)
             .await?
             .into_iter()

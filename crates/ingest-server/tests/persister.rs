@@ -6,16 +6,16 @@ mod common;
 
 use std::time::Duration;
 
-use cellmon_harness::fixture::TestBackends;
-use cellmon_harness::proxy::Fault;
-use cellmon_harness::verify::Ledger;
+use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::proxy::Fault;
+use cellmon_testkit::verify::Ledger;
 use common::{
     Ingest, classroom_event, count_in_postgres, event_ids, metric, persisting,
     postgres_lag_under_load, send_all, verified,
 };
 use serde_json::{Value, json};
 
-fn assert_pass(verdict: &cellmon_harness::verify::Verdict) {
+fn assert_pass(verdict: &cellmon_testkit::verify::Verdict) {
     eprintln!("{}", verdict.summary());
     assert!(verdict.passes(), "{verdict:#?}");
 }
@@ -46,7 +46,7 @@ async fn ten_thousand_events_from_100_students_agree() -> anyhow::Result<()> {
     // Once both groups acknowledged everything, the streams are trimmed.
     let redis = redis::Client::open(backends.redis_url())?;
     let conn = redis.get_multiplexed_async_connection().await?;
-    cellmon_harness::eventually(Duration::from_secs(20), || {
+    cellmon_testkit::eventually(Duration::from_secs(20), || {
         let mut conn = conn.clone();
         let keys = ingest.keys.clone();
         async move {
@@ -98,7 +98,7 @@ async fn dup_storm() -> anyhow::Result<()> {
 
     // Wait until the spool is replayed; `verified` then waits for both
     // groups to acknowledge everything (the replayed copies included).
-    cellmon_harness::eventually(Duration::from_secs(30), || async {
+    cellmon_testkit::eventually(Duration::from_secs(30), || async {
         let text = ingest.metrics().await?;
         let replayed = metric(&text, "cellmon_events_replayed_total").unwrap_or(0.0);
         anyhow::ensure!(replayed >= 600.0, "replayed {replayed}");
@@ -129,7 +129,7 @@ async fn influx_poison() -> anyhow::Result<()> {
     let ingest = Ingest::start(&backends, persisting(&backends)).await?;
     // `duration_ms` is a string in the shard of 2001: the float the
     // persister writes there conflicts. Other times are unaffected.
-    let influx = cellmon_harness::influx::InfluxClient::new(&backends.influx_url())?;
+    let influx = cellmon_testkit::influx::InfluxClient::new(&backends.influx_url())?;
     influx
         .write(
             backends.influx_database(),
@@ -147,8 +147,8 @@ async fn influx_poison() -> anyhow::Result<()> {
     // point: only its `cell_execution` point was refused), and exactly that
     // one execution point is missing.
     let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
-    let verdict = cellmon_harness::eventually(Duration::from_secs(30), || async {
-        let v = cellmon_harness::verify::verify(
+    let verdict = cellmon_testkit::eventually(Duration::from_secs(30), || async {
+        let v = cellmon_testkit::verify::verify(
             &ledger,
             &pool,
             &influx,
@@ -256,7 +256,7 @@ async fn pg_slow() -> anyhow::Result<()> {
     }
     proxy.clear();
     let attempted = ledger.len();
-    let acknowledged = ledger.ids(cellmon_harness::verify::Outcome::Ok).len();
+    let acknowledged = ledger.ids(cellmon_testkit::verify::Outcome::Ok).len();
     let availability = acknowledged as f64 / attempted as f64;
     eprintln!(
         "PG-SLOW: {acknowledged}/{attempted} acknowledged ({:.2}%)",
@@ -265,7 +265,7 @@ async fn pg_slow() -> anyhow::Result<()> {
     assert!(availability >= 0.999, "availability {availability}");
     let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(60)).await?;
     assert_pass(&verdict);
-    cellmon_harness::eventually(Duration::from_secs(20), || async {
+    cellmon_testkit::eventually(Duration::from_secs(20), || async {
         let text = ingest.metrics().await?;
         let backlog = metric(&text, r#"cellmon_persist_backlog_entries{sink="pg"}"#);
         anyhow::ensure!(backlog == Some(0.0), "pg backlog {backlog:?}");
@@ -338,14 +338,14 @@ impl PersisterProcess {
             .kill_on_drop(true)
             .spawn()?;
         let url = format!("http://127.0.0.1:{port}");
-        cellmon_harness::eventually(Duration::from_secs(30), || async {
+        cellmon_testkit::eventually(Duration::from_secs(30), || async {
             let status = reqwest::get(format!("{url}/health/live")).await?.status();
             anyhow::ensure!(status.is_success());
             Ok(())
         })
         .await?;
         let process = Self { child, url };
-        cellmon_harness::eventually(Duration::from_secs(30), || async {
+        cellmon_testkit::eventually(Duration::from_secs(30), || async {
             let running = process
                 .metric(r#"cellmon_persist_sink_running{sink="pg"}"#)
                 .await?;
@@ -413,7 +413,7 @@ async fn persister_kill() -> anyhow::Result<()> {
     pg_proxy.set_fault(Fault::Hang);
     let events: Vec<Value> = (0..100).map(|n| classroom_event(n % 10, n)).collect();
     send_all(&url, &events, 10, 4, &mut ledger).await?;
-    cellmon_harness::eventually(Duration::from_secs(20), || async {
+    cellmon_testkit::eventually(Duration::from_secs(20), || async {
         let n = pg_pending(&backends, &ingest.keys).await?;
         anyhow::ensure!(n > 0, "nothing read yet");
         Ok(())
@@ -424,7 +424,7 @@ async fn persister_kill() -> anyhow::Result<()> {
 
     // The successor takes the dead consumer's entries over and drains them.
     let second = PersisterProcess::spawn(&backends).await?;
-    cellmon_harness::eventually(Duration::from_secs(30), || async {
+    cellmon_testkit::eventually(Duration::from_secs(30), || async {
         let n = pg_pending(&backends, &ingest.keys).await?;
         anyhow::ensure!(n == 0, "{n} still pending");
         Ok(())
@@ -451,7 +451,7 @@ async fn persister_kill() -> anyhow::Result<()> {
     .await?;
     send_all(&url, &events, 100, 1, &mut ledger).await?;
     // The persister has the batch once its transaction is open.
-    cellmon_harness::eventually(Duration::from_secs(20), || async {
+    cellmon_testkit::eventually(Duration::from_secs(20), || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
              WHERE application_name = 'cellmon-persister' AND datname = $1
@@ -465,7 +465,7 @@ async fn persister_kill() -> anyhow::Result<()> {
     })
     .await?;
     redis_proxy.set_fault(Fault::Hang);
-    cellmon_harness::eventually(Duration::from_secs(30), || async {
+    cellmon_testkit::eventually(Duration::from_secs(30), || async {
         let n = count_in_postgres(&pool, &ids).await?;
         anyhow::ensure!(n > 0, "nothing committed yet");
         Ok(())
@@ -478,7 +478,7 @@ async fn persister_kill() -> anyhow::Result<()> {
     pg_proxy.clear();
 
     let third = PersisterProcess::spawn(&backends).await?;
-    cellmon_harness::eventually(Duration::from_secs(30), || async {
+    cellmon_testkit::eventually(Duration::from_secs(30), || async {
         let n = pg_pending(&backends, &ingest.keys).await?;
         anyhow::ensure!(n == 0, "{n} still pending");
         Ok(())
@@ -528,7 +528,7 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
         ))
     };
 
-    cellmon_harness::eventually(Duration::from_secs(20), || async {
+    cellmon_testkit::eventually(Duration::from_secs(20), || async {
         let running = second_metrics
             .persist
             .running
@@ -636,7 +636,7 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
             .collect())
     }
     // Every commit is followed by a recompute; wait for the last ones.
-    let (a, b) = cellmon_harness::eventually(Duration::from_secs(30), || async {
+    let (a, b) = cellmon_testkit::eventually(Duration::from_secs(30), || async {
         let a = statuses(&ordered_backends).await?;
         let b = statuses(&shuffled_backends).await?;
         anyhow::ensure!(a.len() == 20 && a == b, "statuses differ (so far)");

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cellmon_harness::fixture::TestBackends;
-use cellmon_harness::verify::Ledger;
+use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::verify::Ledger;
 use common::{
     Ingest, classroom_event, metric, persisting, postgres_lag_under_load, send_all, verified,
 };
@@ -94,7 +94,7 @@ async fn redis_amnesia_recreates_the_groups() -> anyhow::Result<()> {
     let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(20)).await?;
     assert!(verdict.passes(), "{verdict:#?}");
 
-    let docker = cellmon_harness::docker::Docker::connect().await?;
+    let docker = cellmon_testkit::docker::Docker::connect().await?;
     backends.stack.redis.replace_container(&docker).await?;
     let after: Vec<Value> = (50..100).map(|i| classroom_event(i % 5, i)).collect();
     send_all(&url, &after, 5, 2, &mut ledger).await?;

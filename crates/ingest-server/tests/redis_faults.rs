@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cellmon_harness::fixture::TestBackends;
+use cellmon_testkit::fixture::TestBackends;
 use serde_json::json;
 
 mod common;
@@ -115,7 +115,7 @@ async fn redis_kill() -> anyhow::Result<()> {
     );
     assert_stored_exactly(&ingest, &backends, &ledger.ok, &ledger.refused).await?;
     // With AOF, the restart is seen and is not amnesia.
-    cellmon_harness::eventually(Duration::from_secs(10), || async {
+    cellmon_testkit::eventually(Duration::from_secs(10), || async {
         let text = ingest.metrics().await?;
         anyhow::ensure!(
             text.contains("cellmon_redis_restarts_total 1"),
@@ -233,11 +233,11 @@ async fn redis_amnesia() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A Redis that comes back empty at the same address.
-    let docker = cellmon_harness::docker::Docker::connect().await?;
+    let docker = cellmon_testkit::docker::Docker::connect().await?;
     backends.stack.redis.replace_container(&docker).await?;
     let after = send(10).await?;
 
-    cellmon_harness::eventually(Duration::from_secs(10), || async {
+    cellmon_testkit::eventually(Duration::from_secs(10), || async {
         anyhow::ensure!(
             value("cellmon_redis_amnesia_total").await? == 1,
             "amnesia not detected yet"

@@ -5,9 +5,9 @@ use std::time::Duration;
 use cellmon_domain::envelope::StreamEvent;
 use cellmon_domain::lms::ClassId;
 use cellmon_domain::{WireEvent, validate};
-use cellmon_harness::fixture::TestBackends;
-use cellmon_harness::influx::InfluxClient;
 use cellmon_store::influx::{InfluxConfig, InfluxError, InfluxWriter, encode_batch};
+use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::influx::InfluxClient;
 use time::macros::datetime;
 
 fn writer(backends: &TestBackends) -> anyhow::Result<InfluxWriter> {
@@ -109,7 +109,7 @@ async fn refusals_and_outages_are_told_apart() -> anyhow::Result<()> {
         .stack
         .influx
         .proxy()
-        .set_fault(cellmon_harness::proxy::Fault::Down);
+        .set_fault(cellmon_testkit::proxy::Fault::Down);
     let error = writer
         .write(encode_batch(&[event(2, "t")]))
         .await

@@ -5,12 +5,12 @@ use cellmon_domain::event::StudentKey;
 use cellmon_domain::fields::Email;
 use cellmon_domain::lms::{ClassId, StudentId};
 use cellmon_domain::{WireEvent, validate};
-use cellmon_harness::fixture::TestBackends;
 use cellmon_store::messages::{
     self, BodyError, DirectMessage, MAX_BODY_CHARS, Sender, UnreadFromInstructor, UnreadThread,
     check_body,
 };
 use cellmon_store::{classes, ids, pg};
+use cellmon_testkit::fixture::TestBackends;
 use sqlx::PgPool;
 use time::macros::datetime;
 use uuid::Uuid;

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cellmon_harness::fixture::TestBackends;
 use cellmon_ingest::config::{ClassToken, Role};
+use cellmon_testkit::fixture::TestBackends;
 use common::Gateway;
 use serde_json::{Value, json};
 

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use cellmon_harness::fixture::TestBackends;
+use cellmon_testkit::fixture::TestBackends;
 use common::{Gateway, Next, Ws, refused_with, seq};
 use serde_json::json;
 

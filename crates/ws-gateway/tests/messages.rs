@@ -6,7 +6,7 @@
 
 mod common;
 
-use cellmon_harness::fixture::TestBackends;
+use cellmon_testkit::fixture::TestBackends;
 use common::{Gateway, student};
 use reqwest::StatusCode;
 use serde_json::{Value, json};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cellmon_domain::lms::ClassId;
-use cellmon_harness::fixture::TestBackends;
+use cellmon_testkit::fixture::TestBackends;
 use common::{Gateway, Ws};
 use futures_util::StreamExt as _;
 use serde_json::json;
@@ -355,8 +355,8 @@ async fn ws_churn() -> anyhow::Result<()> {
 /// next message, also in a class that had no message yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_messages_missed_during_a_pubsub_outage_are_caught_up() -> anyhow::Result<()> {
-    use cellmon_harness::backend::BackendKind;
-    use cellmon_harness::proxy::Fault;
+    use cellmon_testkit::backend::BackendKind;
+    use cellmon_testkit::proxy::Fault;
 
     let backends = TestBackends::shared().await?;
     let gateway = Gateway::start(&backends, |_| {}).await?;

@@ -34,7 +34,7 @@ use self::sampler::{Sample, Sampler, SamplerSpec};
 pub use self::stats::Percentiles;
 use self::stats::{PhaseTally, Timeline};
 use self::subscriber::{GatewaySpec, Pending};
-use crate::verify::{Ledger, Outcome};
+use cellmon_testkit::verify::{Ledger, Outcome};
 
 /// One phase of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -383,7 +383,7 @@ pub async fn run(spec: &LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
             limit,
             |arrival, scheduled| {
                 let id = uuid::Uuid::new_v4();
-                let body = event_json(&run_id, index, &arrival, id, &crate::report::now_rfc3339());
+                let body = event_json(&run_id, index, &arrival, id, &crate::now_rfc3339());
                 // Runs are only tracked when a socket will see them.
                 let run = match arrival.action {
                     Action::RunCell { execution, .. } if spec.gateway.is_some() => {

@@ -123,7 +123,7 @@ impl Sampler {
 fn read_process(pid: u32) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let cpu = cpu_ticks(&stat)?;
-    let rss = crate::fanout::rss_kib(pid).unwrap_or(0);
+    let rss = crate::procfs::rss_kib(pid).unwrap_or(0);
     Some((cpu, rss))
 }
 
@@ -170,7 +170,7 @@ fn parse_tcp_table(table: &str) -> Vec<u16> {
 /// (name, port) of each backend, from (kind, URL): what
 /// [`SamplerSpec::backend_ports`] holds.
 pub fn backend_ports(
-    urls: impl IntoIterator<Item = (crate::backend::BackendKind, String)>,
+    urls: impl IntoIterator<Item = (cellmon_testkit::backend::BackendKind, String)>,
 ) -> Vec<(String, u16)> {
     urls.into_iter()
         .filter_map(|(kind, url)| Some((kind.name().to_owned(), port_of(&url)?)))

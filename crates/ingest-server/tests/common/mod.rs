@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use cellmon_bus::{StreamKeys, codec};
 use cellmon_domain::lms::ClassId;
-use cellmon_harness::fixture::TestBackends;
 use cellmon_ingest::config::ClassToken;
 use cellmon_ingest::{Config, serve};
+use cellmon_testkit::fixture::TestBackends;
 use redis::AsyncCommands as _;
 use redis::streams::StreamRangeReply;
 use serde_json::{Value, json};
@@ -80,7 +80,7 @@ impl Ingest {
             _spool: None,
         };
         let http = reqwest::Client::new();
-        cellmon_harness::eventually(Duration::from_secs(10), || async {
+        cellmon_testkit::eventually(Duration::from_secs(10), || async {
             let status = http
                 .get(format!("{}/health/live", ingest.url))
                 .send()
@@ -200,7 +200,7 @@ pub(crate) async fn assert_stored_exactly(
     refused: &[String],
 ) -> anyhow::Result<()> {
     let ok_set: HashSet<&String> = ok.iter().collect();
-    let stored = cellmon_harness::eventually(Duration::from_secs(15), || async {
+    let stored = cellmon_testkit::eventually(Duration::from_secs(15), || async {
         let stored = ingest.stored_ids(backends).await?;
         let stored_set: HashSet<String> = stored.iter().cloned().collect();
         let lost = ok_set
@@ -313,9 +313,9 @@ pub(crate) async fn send_all(
     events: &[Value],
     per_request: usize,
     concurrency: usize,
-    ledger: &mut cellmon_harness::verify::Ledger,
+    ledger: &mut cellmon_testkit::verify::Ledger,
 ) -> anyhow::Result<()> {
-    use cellmon_harness::verify::Outcome;
+    use cellmon_testkit::verify::Outcome;
     use futures_util::StreamExt as _;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -353,9 +353,9 @@ pub(crate) async fn send_all(
 pub(crate) async fn verified(
     backends: &TestBackends,
     class: ClassId,
-    ledger: &cellmon_harness::verify::Ledger,
+    ledger: &cellmon_testkit::verify::Ledger,
     timeout: Duration,
-) -> anyhow::Result<cellmon_harness::verify::Verdict> {
+) -> anyhow::Result<cellmon_testkit::verify::Verdict> {
     let deadline = std::time::Instant::now() + timeout;
     let first = verified_once(backends, class, ledger, timeout).await?;
     if !first.passes() {
@@ -387,14 +387,14 @@ pub(crate) async fn verified(
 async fn verified_once(
     backends: &TestBackends,
     class: ClassId,
-    ledger: &cellmon_harness::verify::Ledger,
+    ledger: &cellmon_testkit::verify::Ledger,
     timeout: Duration,
-) -> anyhow::Result<cellmon_harness::verify::Verdict> {
+) -> anyhow::Result<cellmon_testkit::verify::Verdict> {
     let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
-    let influx = cellmon_harness::influx::InfluxClient::new(&backends.influx_url())?;
+    let influx = cellmon_testkit::influx::InfluxClient::new(&backends.influx_url())?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let verdict = cellmon_harness::verify::verify(
+        let verdict = cellmon_testkit::verify::verify(
             ledger,
             &pool,
             &influx,
@@ -441,7 +441,7 @@ pub(crate) async fn postgres_lag_under_load(
     rounds: usize,
     per_round: usize,
     students: usize,
-    ledger: &mut cellmon_harness::verify::Ledger,
+    ledger: &mut cellmon_testkit::verify::Ledger,
 ) -> anyhow::Result<Duration> {
     let mut worst_lag = Duration::ZERO;
     for round in 0..rounds {
@@ -451,7 +451,7 @@ pub(crate) async fn postgres_lag_under_load(
         let ids = event_ids(&batch);
         send_all(url, &batch, 5, 4, ledger).await?;
         let sent = std::time::Instant::now();
-        cellmon_harness::eventually(Duration::from_secs(10), || async {
+        cellmon_testkit::eventually(Duration::from_secs(10), || async {
             let n = count_in_postgres(pool, &ids).await?;
             anyhow::ensure!(n == ids.len() as i64, "{n} of {} in Postgres", ids.len());
             Ok(())

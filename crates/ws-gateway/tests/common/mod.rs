@@ -13,8 +13,8 @@ use cellmon_domain::lms::{ClassId, StudentId};
 use cellmon_gateway::auth::Verifier;
 use cellmon_gateway::metrics::Metrics;
 use cellmon_gateway::{AppState, Config};
-use cellmon_harness::fixture::TestBackends;
 use cellmon_store::classes;
+use cellmon_testkit::fixture::TestBackends;
 use futures_util::{SinkExt as _, StreamExt as _};
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
@@ -171,7 +171,7 @@ impl Drop for Gateway {
 
 /// A student update whose `executions` is `n`.
 pub(crate) fn update(class: ClassId, n: u32) -> Unnumbered {
-    cellmon_harness::fanout::update(class, u64::from(n))
+    cellmon_testkit::sample::student_update(class, u64::from(n))
 }
 
 /// Polls `check` every 20 ms until it is true, for at most [`WAIT`].

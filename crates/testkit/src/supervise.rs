@@ -2,7 +2,7 @@
 //!
 //! nextest runs every test in its own process, so a container held in a
 //! `static` would live once per test and never be dropped. Instead the
-//! setup script `harness test-backends` starts a detached supervisor that
+//! setup script `testkit backends` starts a detached supervisor that
 //! owns one set of containers for the run, hands their addresses to the
 //! tests through `$NEXTEST_ENV`, and removes the containers as soon as the
 //! nextest process that ran the script has exited.
@@ -39,7 +39,7 @@ pub async fn setup() -> anyhow::Result<()> {
     let mut child = {
         use std::os::unix::process::CommandExt as _;
         Command::new(std::env::current_exe()?)
-            .args(["test-backends", "--serve", "--watch-pid"])
+            .args(["backends", "--serve", "--watch-pid"])
             .arg(watch_pid.to_string())
             .arg("--ready-file")
             .arg(&ready_file)

@@ -1,7 +1,7 @@
 //! Backends for one test, isolated from every other test.
 //!
 //! A test run shares one set of backend containers: the nextest setup
-//! script (`harness test-backends`) starts them once and passes their
+//! script (`testkit backends`) starts them once and passes their
 //! addresses in `CELLMON_TEST_*_ADDR`. Each test then gets
 //!
 //! * its own fault proxies in front of them, so network faults it injects

@@ -1,8 +1,8 @@
 //! Each backend, reached through this test's own fault proxy, round-trips
 //! real data; each test's data is its own.
 
-use cellmon_harness::fixture::TestBackends;
-use cellmon_harness::influx::InfluxClient;
+use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::influx::InfluxClient;
 use redis::AsyncCommands as _;
 use redis::streams::StreamRangeReply;
 use sqlx::{Connection as _, PgConnection, Row as _};
@@ -50,7 +50,7 @@ async fn each_test_gets_its_own_database_cloned_from_the_template() -> anyhow::R
     // refuses connections so it can never block a clone.
     let template: (bool, bool) =
         sqlx::query_as("SELECT datistemplate, datallowconn FROM pg_database WHERE datname = $1")
-            .bind(cellmon_harness::pg::TEMPLATE_DB)
+            .bind(cellmon_testkit::pg::TEMPLATE_DB)
             .fetch_one(&mut b)
             .await?;
     assert_eq!(template, (true, false));

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use cellmon_harness::fixture::TestBackends;
-use cellmon_harness::influx::InfluxClient;
+use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::influx::InfluxClient;
 use redis::AsyncCommands as _;
 use sqlx::{Connection as _, PgConnection};
 
@@ -132,7 +132,7 @@ async fn sigkilled_redis_keeps_acknowledged_stream_entries() -> anyhow::Result<(
     }
     backends.stack.redis.kill().await?;
     backends.stack.redis.start_again().await?;
-    let mut conn = cellmon_harness::eventually(PATIENCE, || async {
+    let mut conn = cellmon_testkit::eventually(PATIENCE, || async {
         Ok(client.get_multiplexed_async_connection().await?)
     })
     .await?;

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use cellmon_harness::fixture::TestBackends;
-use cellmon_harness::proxy::Fault;
+use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::proxy::Fault;
 use redis::aio::MultiplexedConnection;
 use sqlx::{Connection as _, PgConnection};
 
@@ -157,11 +157,11 @@ async fn latency_delays_every_round_trip_until_cleared() -> anyhow::Result<()> {
 #[tokio::test]
 async fn influx_down_then_restored() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let influx = cellmon_harness::influx::InfluxClient::new(&backends.influx_url())?;
+    let influx = cellmon_testkit::influx::InfluxClient::new(&backends.influx_url())?;
     influx.ping().await?;
     backends.stack.influx.proxy().set_fault(Fault::Down);
     assert!(influx.ping().await.is_err());
     backends.stack.influx.proxy().clear();
-    cellmon_harness::eventually(PATIENCE, || influx.ping()).await?;
+    cellmon_testkit::eventually(PATIENCE, || influx.ping()).await?;
     Ok(())
 }
