@@ -175,14 +175,18 @@ pub enum InfluxError {
     /// No answer: connection refused or reset, or the timeout passed.
     #[error("unreachable: {0}")]
     Unreachable(#[from] reqwest::Error),
-    #[error("bad InfluxDB URL: {0}")]
-    Url(String),
+    #[error("bad InfluxDB URL {url:?}")]
+    Url {
+        url: String,
+        #[source]
+        source: url::ParseError,
+    },
 }
 
 impl InfluxError {
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::Rejected { .. } | Self::Url(_))
+        !matches!(self, Self::Rejected { .. } | Self::Url { .. })
     }
 }
 
@@ -197,8 +201,12 @@ pub struct InfluxWriter {
 
 impl InfluxWriter {
     pub fn new(config: InfluxConfig) -> Result<Self, InfluxError> {
-        let base = reqwest::Url::parse(&config.url).map_err(|e| InfluxError::Url(e.to_string()))?;
-        let join = |path| base.join(path).map_err(|e| InfluxError::Url(e.to_string()));
+        let bad_url = |source| InfluxError::Url {
+            url: config.url.clone(),
+            source,
+        };
+        let base = reqwest::Url::parse(&config.url).map_err(bad_url)?;
+        let join = |path| base.join(path).map_err(bad_url);
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout)

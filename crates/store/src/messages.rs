@@ -11,8 +11,6 @@ use cellmon_domain::fields::Email;
 use cellmon_domain::lms::{ClassId, StudentId};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use sqlx::Row as _;
-use sqlx::postgres::PgRow;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -48,9 +46,14 @@ impl Sender {
             Self::Student => Self::Instructor,
         }
     }
+}
 
-    fn parse(text: &str) -> Result<Self, StoreError> {
-        match text {
+/// How `direct_messages.sender` is read back.
+impl TryFrom<String> for Sender {
+    type Error = StoreError;
+
+    fn try_from(text: String) -> Result<Self, StoreError> {
+        match text.as_str() {
             "instructor" => Ok(Self::Instructor),
             "student" => Ok(Self::Student),
             other => Err(StoreError::Corrupt(format!("message sender {other:?}"))),
@@ -59,13 +62,16 @@ impl Sender {
 }
 
 /// One stored message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectMessage {
     pub id: i64,
+    #[sqlx(try_from = "Uuid")]
     pub class_id: ClassId,
     pub instructor_id: Uuid,
+    #[sqlx(try_from = "Uuid")]
     pub student_id: StudentId,
+    #[sqlx(try_from = "String")]
     pub sender: Sender,
     pub body: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -76,10 +82,12 @@ pub struct DirectMessage {
 }
 
 /// An instructor's thread with unread messages from the student.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct UnreadThread {
+    #[sqlx(try_from = "Uuid")]
     pub class_id: ClassId,
+    #[sqlx(try_from = "Uuid")]
     pub student_id: StudentId,
     pub unread: i64,
     /// The newest unread message (what to mark read up to).
@@ -87,7 +95,7 @@ pub struct UnreadThread {
 }
 
 /// A student's thread with unread messages from one instructor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct UnreadFromInstructor {
     pub instructor_id: Uuid,
@@ -140,28 +148,11 @@ fn cursor(before: Option<i64>) -> i64 {
     before.unwrap_or(i64::MAX)
 }
 
-/// The columns [`message`] reads, for queries written as literals.
+/// The columns of a [`DirectMessage`], for queries written as literals.
 macro_rules! message_columns {
     () => {
         "id, class_id, instructor_id, student_id, sender, body, sent_at, read_at"
     };
-}
-
-fn message(row: &PgRow) -> Result<DirectMessage, StoreError> {
-    Ok(DirectMessage {
-        id: row.try_get("id")?,
-        class_id: ClassId(row.try_get("class_id")?),
-        instructor_id: row.try_get("instructor_id")?,
-        student_id: StudentId(row.try_get("student_id")?),
-        sender: Sender::parse(row.try_get("sender")?)?,
-        body: row.try_get("body")?,
-        sent_at: row.try_get("sent_at")?,
-        read_at: row.try_get("read_at")?,
-    })
-}
-
-fn messages(rows: &[PgRow]) -> Result<Vec<DirectMessage>, StoreError> {
-    rows.iter().map(message).collect()
 }
 
 /// Stores a message of the thread (class, instructor, student) and returns
@@ -178,7 +169,7 @@ pub async fn send(
     body: &str,
 ) -> Result<Option<DirectMessage>, StoreError> {
     // One statement: the checks and the insert see the same snapshot.
-    let row = sqlx::query(concat!(
+    let message = sqlx::query_as(concat!(
         "INSERT INTO direct_messages (class_id, instructor_id, student_id, sender, body)
          SELECT $1::uuid, $2::uuid, $3::uuid, $4::text, $5::text
          WHERE EXISTS (SELECT 1 FROM students WHERE id = $3 AND class_id = $1)
@@ -194,7 +185,7 @@ pub async fn send(
     .bind(body)
     .fetch_optional(pool)
     .await?;
-    row.as_ref().map(message).transpose()
+    Ok(message)
 }
 
 /// A page of one thread, newest first: at most `limit` (clamped to
@@ -208,7 +199,7 @@ pub async fn history(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<DirectMessage>, StoreError> {
-    let rows = sqlx::query(concat!(
+    let messages = sqlx::query_as(concat!(
         "SELECT ",
         message_columns!(),
         " FROM direct_messages
@@ -224,7 +215,7 @@ pub async fn history(
     .bind(page_size(limit))
     .fetch_all(pool)
     .await?;
-    messages(&rows)
+    Ok(messages)
 }
 
 /// A page of a student's threads in `class` with any instructor, newest
@@ -237,7 +228,7 @@ pub async fn student_history(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<DirectMessage>, StoreError> {
-    let rows = sqlx::query(concat!(
+    let messages = sqlx::query_as(concat!(
         "SELECT ",
         message_columns!(),
         " FROM direct_messages
@@ -252,7 +243,7 @@ pub async fn student_history(
     .bind(page_size(limit))
     .fetch_all(pool)
     .await?;
-    messages(&rows)
+    Ok(messages)
 }
 
 /// Marks as read, for `reader`, the thread's messages the other side sent
@@ -288,7 +279,7 @@ pub async fn unread_for_instructor(
     pool: &PgPool,
     instructor: Uuid,
 ) -> Result<Vec<UnreadThread>, StoreError> {
-    let rows = sqlx::query(
+    let threads = sqlx::query_as(
         "SELECT m.class_id, m.student_id, count(*) AS unread, max(m.id) AS newest_id
          FROM direct_messages m
          JOIN class_instructors ci
@@ -300,16 +291,7 @@ pub async fn unread_for_instructor(
     .bind(instructor)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(UnreadThread {
-                class_id: ClassId(row.try_get("class_id")?),
-                student_id: StudentId(row.try_get("student_id")?),
-                unread: row.try_get("unread")?,
-                newest_id: row.try_get("newest_id")?,
-            })
-        })
-        .collect()
+    Ok(threads)
 }
 
 /// The student's threads in `class` with unread messages from instructors,
@@ -321,7 +303,7 @@ pub async fn unread_for_student(
     class: ClassId,
     student: StudentId,
 ) -> Result<Vec<UnreadFromInstructor>, StoreError> {
-    let rows = sqlx::query(
+    let threads = sqlx::query_as(
         "SELECT m.instructor_id, i.name AS instructor_name, count(*) AS unread,
                 max(m.id) AS newest_id
          FROM direct_messages m
@@ -335,16 +317,7 @@ pub async fn unread_for_student(
     .bind(student.0)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|row| {
-            Ok(UnreadFromInstructor {
-                instructor_id: row.try_get("instructor_id")?,
-                instructor_name: row.try_get("instructor_name")?,
-                unread: row.try_get("unread")?,
-                newest_id: row.try_get("newest_id")?,
-            })
-        })
-        .collect()
+    Ok(threads)
 }
 
 /// The unread messages students sent to the instructor, in classes they
@@ -356,7 +329,7 @@ pub async fn unread_messages_for_instructor(
     instructor: Uuid,
     limit: i64,
 ) -> Result<Vec<DirectMessage>, StoreError> {
-    let rows = sqlx::query(concat!(
+    let messages = sqlx::query_as(concat!(
         "SELECT ",
         message_columns!(),
         " FROM direct_messages m
@@ -370,7 +343,7 @@ pub async fn unread_messages_for_instructor(
     .bind(page_size(limit))
     .fetch_all(pool)
     .await?;
-    messages(&rows)
+    Ok(messages)
 }
 
 /// The student of `class` identified by `email` (compared as the writer

@@ -104,15 +104,39 @@ struct StudentRow {
     last_seen: OffsetDateTime,
 }
 
+struct TeamRow {
+    class: ClassId,
+    name: String,
+}
+
+struct SessionRow {
+    student: StudentId,
+    client_session: String,
+    first_seen: OffsetDateTime,
+    last_seen: OffsetDateTime,
+}
+
+struct NotebookRow {
+    student: StudentId,
+    path: String,
+}
+
+struct CellRow {
+    student: StudentId,
+    notebook: Option<Uuid>,
+    client_cell_id: String,
+    cell_type: Option<String>,
+}
+
 /// The batch, deduplicated by event id and laid out in columns per table.
 #[derive(Default)]
 struct Rows {
     classes: Vec<Uuid>,
-    teams: BTreeMap<Uuid, (ClassId, String)>,
+    teams: BTreeMap<Uuid, TeamRow>,
     students: BTreeMap<StudentId, StudentRow>,
-    sessions: BTreeMap<Uuid, (StudentId, String, OffsetDateTime, OffsetDateTime)>,
-    notebooks: BTreeMap<Uuid, (StudentId, String)>,
-    cells: BTreeMap<Uuid, (StudentId, Option<Uuid>, String, Option<String>)>,
+    sessions: BTreeMap<Uuid, SessionRow>,
+    notebooks: BTreeMap<Uuid, NotebookRow>,
+    cells: BTreeMap<Uuid, CellRow>,
     events: Events,
     executions: Executions,
     help: Help,
@@ -173,9 +197,10 @@ impl Rows {
             let student = ids::student(class, &event.student.key);
             let team = event.student.team.as_ref().map(|name| {
                 let id = ids::team(class, name.as_str());
-                rows.teams
-                    .entry(id)
-                    .or_insert_with(|| (class, name.to_string()));
+                rows.teams.entry(id).or_insert_with(|| TeamRow {
+                    class,
+                    name: name.to_string(),
+                });
                 id
             });
             let named = event.student.name.is_some() || team.is_some();
@@ -202,30 +227,31 @@ impl Rows {
 
             let session = event.session_id.as_ref().map(|s| {
                 let id = ids::session(student, s.as_str());
-                let entry = rows
-                    .sessions
-                    .entry(id)
-                    .or_insert_with(|| (student, s.to_string(), time, time));
-                entry.2 = entry.2.min(time);
-                entry.3 = entry.3.max(time);
+                let entry = rows.sessions.entry(id).or_insert_with(|| SessionRow {
+                    student,
+                    client_session: s.to_string(),
+                    first_seen: time,
+                    last_seen: time,
+                });
+                entry.first_seen = entry.first_seen.min(time);
+                entry.last_seen = entry.last_seen.max(time);
                 id
             });
             let notebook = event.notebook.as_ref().map(|path| {
                 let id = ids::notebook(student, path);
-                rows.notebooks
-                    .entry(id)
-                    .or_insert_with(|| (student, path.to_string()));
+                rows.notebooks.entry(id).or_insert_with(|| NotebookRow {
+                    student,
+                    path: path.to_string(),
+                });
                 id
             });
             let cell = event.cell.as_ref().map(|cell| {
                 let id = ids::cell(student, event.notebook.as_ref(), &cell.id);
-                rows.cells.entry(id).or_insert_with(|| {
-                    (
-                        student,
-                        notebook,
-                        cell.id.to_string(),
-                        cell.cell_type.map(|t| t.as_str().to_owned()),
-                    )
+                rows.cells.entry(id).or_insert_with(|| CellRow {
+                    student,
+                    notebook,
+                    client_cell_id: cell.id.to_string(),
+                    cell_type: cell.cell_type.map(|t| t.as_str().to_owned()),
                 });
                 id
             });
@@ -306,7 +332,7 @@ impl Rows {
         let (team_ids, (team_classes, team_names)): (Vec<Uuid>, (Vec<Uuid>, Vec<String>)) = self
             .teams
             .iter()
-            .map(|(id, (class, name))| (*id, (class.0, name.clone())))
+            .map(|(id, team)| (*id, (team.class.0, team.name.clone())))
             .unzip();
         sqlx::query(
             "INSERT INTO teams (id, class_id, name)
@@ -379,12 +405,12 @@ impl Rows {
         let mut ss_client = Vec::new();
         let mut ss_first = Vec::new();
         let mut ss_last = Vec::new();
-        for (id, (student, client, first, last)) in &self.sessions {
+        for (id, session) in &self.sessions {
             ss_id.push(*id);
-            ss_student.push(student.0);
-            ss_client.push(client.clone());
-            ss_first.push(*first);
-            ss_last.push(*last);
+            ss_student.push(session.student.0);
+            ss_client.push(session.client_session.clone());
+            ss_first.push(session.first_seen);
+            ss_last.push(session.last_seen);
         }
         sqlx::query(
             "INSERT INTO sessions (id, student_id, client_session, first_seen, last_seen)
@@ -404,7 +430,7 @@ impl Rows {
         let (n_id, (n_student, n_path)): (Vec<Uuid>, (Vec<Uuid>, Vec<String>)) = self
             .notebooks
             .iter()
-            .map(|(id, (student, path))| (*id, (student.0, path.clone())))
+            .map(|(id, notebook)| (*id, (notebook.student.0, notebook.path.clone())))
             .unzip();
         sqlx::query(
             "INSERT INTO notebooks (id, student_id, path)
@@ -422,12 +448,12 @@ impl Rows {
         let mut c_notebook = Vec::new();
         let mut c_client = Vec::new();
         let mut c_type = Vec::new();
-        for (id, (student, notebook, client, kind)) in &self.cells {
+        for (id, cell) in &self.cells {
             c_id.push(*id);
-            c_student.push(student.0);
-            c_notebook.push(*notebook);
-            c_client.push(client.clone());
-            c_type.push(kind.clone());
+            c_student.push(cell.student.0);
+            c_notebook.push(cell.notebook);
+            c_client.push(cell.client_cell_id.clone());
+            c_type.push(cell.cell_type.clone());
         }
         sqlx::query(
             "INSERT INTO cells (id, student_id, notebook_id, client_cell_id, cell_type)

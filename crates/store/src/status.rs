@@ -33,7 +33,7 @@ use cellmon_domain::status::{
 };
 use serde::Deserialize;
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 use std::num::NonZeroU8;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -184,6 +184,128 @@ fn display(raw: Option<String>) -> Option<DisplayName> {
     raw.and_then(|n| DisplayName::parse(&n).ok())
 }
 
+/// A student's identity columns (`id`, `student_key`, `name`, `team`).
+#[derive(sqlx::FromRow)]
+struct StudentRow {
+    id: Uuid,
+    student_key: String,
+    name: Option<String>,
+    team: Option<String>,
+}
+
+impl StudentRow {
+    fn into_ref(self) -> Result<StudentRef, StoreError> {
+        Ok(StudentRef {
+            id: StudentId(self.id),
+            key: student_key(&self.student_key)?,
+            name: display(self.name),
+            team: display(self.team),
+        })
+    }
+}
+
+/// One row of [`LOAD`]: everything the status rules need of one student.
+#[derive(sqlx::FromRow)]
+struct Loaded {
+    #[sqlx(flatten)]
+    student: StudentRow,
+    class_id: Uuid,
+    executions: i64,
+    failed_executions: i64,
+    consecutive_error_threshold: i16,
+    idle_after_seconds: i32,
+    before: Option<Json<StudentStatus>>,
+    runs: Json<Vec<Run>>,
+    help: Json<Vec<HelpRow>>,
+    latest: Option<Json<Latest>>,
+    dismissals: Json<Vec<Dismissal>>,
+    resolutions: Json<Vec<Resolution>>,
+}
+
+impl Loaded {
+    fn rules(&self) -> StatusRules {
+        StatusRules {
+            consecutive_errors: NonZeroU8::new(
+                u8::try_from(self.consecutive_error_threshold).unwrap_or(u8::MAX),
+            )
+            .unwrap_or(NonZeroU8::MIN),
+            idle_after: Duration::seconds(i64::from(self.idle_after_seconds)),
+            help_window: HELP_WINDOW,
+        }
+    }
+
+    /// The student's runs, help events and newest event, unordered (the
+    /// rules order them).
+    fn events(&self) -> Result<Vec<ActivityEvent>, StoreError> {
+        let mut events = Vec::with_capacity(self.runs.0.len() + self.help.0.len() + 1);
+        for run in &self.runs.0 {
+            events.push(ActivityEvent {
+                key: key(run.event_time, run.event_id),
+                activity: Activity::Execution {
+                    cell: cell_key(run.notebook.clone(), &run.cell)?,
+                    failed: run.has_error,
+                },
+            });
+        }
+        for h in &self.help.0 {
+            let notebook = path(h.notebook.clone())?;
+            events.push(ActivityEvent {
+                key: key(h.event_time, h.event_id),
+                activity: if h.kind == "help" {
+                    Activity::Help { notebook }
+                } else {
+                    Activity::HelpStop { notebook }
+                },
+            });
+        }
+        if let Some(Json(latest)) = &self.latest {
+            // Its kind does not matter: if it is a run or a help event it is
+            // loaded above too, and duplicates by id count once.
+            if !events
+                .iter()
+                .any(|e| e.key.id.as_uuid() == &latest.event_id)
+            {
+                events.push(ActivityEvent {
+                    key: key(latest.event_time, latest.event_id),
+                    activity: Activity::Other,
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    /// The instructors' dismissals and resolutions.
+    fn actions(&self) -> Result<Vec<InstructorAction>, StoreError> {
+        let mut actions = Vec::with_capacity(self.dismissals.0.len() + self.resolutions.0.len());
+        for d in &self.dismissals.0 {
+            actions.push(InstructorAction::DismissHelp {
+                notebook: path(d.notebook.clone())?,
+                through: key(d.through_time, d.through_event_id),
+            });
+        }
+        for r in &self.resolutions.0 {
+            actions.push(InstructorAction::ResolveError {
+                cell: cell_key(r.notebook.clone(), &r.cell)?,
+                through: key(r.through_time, r.through_event_id),
+            });
+        }
+        Ok(actions)
+    }
+
+    fn change(self, now: OffsetDateTime) -> Result<StatusChange, StoreError> {
+        let mut after = derive_status(&self.events()?, &self.actions()?, &self.rules(), now);
+        // The counters cover the whole history; the loaded runs do not.
+        after.executions = u32::try_from(self.executions).unwrap_or(u32::MAX);
+        after.failed_executions = u32::try_from(self.failed_executions).unwrap_or(u32::MAX);
+        Ok(StatusChange {
+            class_id: ClassId(self.class_id),
+            student: self.student.into_ref()?,
+            before: self.before.map(|Json(s)| s),
+            after,
+        })
+    }
+}
+
 /// Locks and loads the students (two statements; the load is one query for
 /// all of them), and derives their status at `now`.
 pub async fn recompute(
@@ -206,98 +328,16 @@ pub async fn recompute(
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
-    let rows = sqlx::query(LOAD)
+    let rows: Vec<Loaded> = sqlx::query_as(LOAD)
         .bind(&ids)
         .bind(MAX_TRAILING_RUNS)
         .bind(MAX_HELP_EVENTS)
         .fetch_all(&mut *tx)
         .await?;
-    let mut changes = Vec::with_capacity(rows.len());
-    for row in rows {
-        let threshold: i16 = row.try_get("consecutive_error_threshold")?;
-        let idle_after: i32 = row.try_get("idle_after_seconds")?;
-        let rules = StatusRules {
-            consecutive_errors: NonZeroU8::new(u8::try_from(threshold).unwrap_or(u8::MAX))
-                .unwrap_or(NonZeroU8::MIN),
-            idle_after: Duration::seconds(i64::from(idle_after)),
-            help_window: HELP_WINDOW,
-        };
-
-        let mut events = Vec::new();
-        let Json(runs): Json<Vec<Run>> = row.try_get("runs")?;
-        for run in runs {
-            events.push(ActivityEvent {
-                key: key(run.event_time, run.event_id),
-                activity: Activity::Execution {
-                    cell: cell_key(run.notebook, &run.cell)?,
-                    failed: run.has_error,
-                },
-            });
-        }
-        let Json(help): Json<Vec<HelpRow>> = row.try_get("help")?;
-        for h in help {
-            let notebook = path(h.notebook)?;
-            events.push(ActivityEvent {
-                key: key(h.event_time, h.event_id),
-                activity: if h.kind == "help" {
-                    Activity::Help { notebook }
-                } else {
-                    Activity::HelpStop { notebook }
-                },
-            });
-        }
-        let latest: Option<Json<Latest>> = row.try_get("latest")?;
-        if let Some(Json(latest)) = latest {
-            // Its kind does not matter: if it is a run or a help event it is
-            // loaded above too, and duplicates by id count once.
-            if !events
-                .iter()
-                .any(|e| e.key.id.as_uuid() == &latest.event_id)
-            {
-                events.push(ActivityEvent {
-                    key: key(latest.event_time, latest.event_id),
-                    activity: Activity::Other,
-                });
-            }
-        }
-
-        let mut actions = Vec::new();
-        let Json(dismissals): Json<Vec<Dismissal>> = row.try_get("dismissals")?;
-        for d in dismissals {
-            actions.push(InstructorAction::DismissHelp {
-                notebook: path(d.notebook)?,
-                through: key(d.through_time, d.through_event_id),
-            });
-        }
-        let Json(resolutions): Json<Vec<Resolution>> = row.try_get("resolutions")?;
-        for r in resolutions {
-            actions.push(InstructorAction::ResolveError {
-                cell: cell_key(r.notebook, &r.cell)?,
-                through: key(r.through_time, r.through_event_id),
-            });
-        }
-
-        let mut after = derive_status(&events, &actions, &rules, now);
-        // The counters cover the whole history; the loaded runs do not.
-        let executions: i64 = row.try_get("executions")?;
-        let failed: i64 = row.try_get("failed_executions")?;
-        after.executions = u32::try_from(executions).unwrap_or(u32::MAX);
-        after.failed_executions = u32::try_from(failed).unwrap_or(u32::MAX);
-
-        let before: Option<Json<StudentStatus>> = row.try_get("before")?;
-        let key_text: String = row.try_get("student_key")?;
-        changes.push(StatusChange {
-            class_id: ClassId(row.try_get("class_id")?),
-            student: StudentRef {
-                id: StudentId(row.try_get("id")?),
-                key: student_key(&key_text)?,
-                name: display(row.try_get("name")?),
-                team: display(row.try_get("team")?),
-            },
-            before: before.map(|Json(s)| s),
-            after,
-        });
-    }
+    let changes = rows
+        .into_iter()
+        .map(|row| row.change(now))
+        .collect::<Result<_, _>>()?;
     Ok(Recomputed { tx, changes, now })
 }
 
@@ -436,7 +476,7 @@ impl ClassSnapshot {
 
     /// Every student of the class that has a status, by id; releases the lock.
     pub async fn load(mut self) -> Result<Vec<(StudentRef, StudentStatus)>, StoreError> {
-        let rows = sqlx::query(
+        let rows: Vec<SnapshotRow> = sqlx::query_as(
             "SELECT s.id, s.student_key, s.name, t.name AS team, st.detail
              FROM student_status st
              JOIN students s ON s.id = st.student_id
@@ -448,19 +488,16 @@ impl ClassSnapshot {
         .await?;
         self.tx.commit().await?;
         rows.into_iter()
-            .map(|row| {
-                let Json(status): Json<StudentStatus> = row.try_get("detail")?;
-                let key_text: String = row.try_get("student_key")?;
-                let student = StudentRef {
-                    id: StudentId(row.try_get("id")?),
-                    key: student_key(&key_text)?,
-                    name: display(row.try_get("name")?),
-                    team: display(row.try_get("team")?),
-                };
-                Ok((student, status))
-            })
+            .map(|row| Ok((row.student.into_ref()?, row.detail.0)))
             .collect()
     }
+}
+
+#[derive(sqlx::FromRow)]
+struct SnapshotRow {
+    #[sqlx(flatten)]
+    student: StudentRow,
+    detail: Json<StudentStatus>,
 }
 
 /// The stored status of every student of a class.
@@ -468,16 +505,20 @@ pub async fn class_status(
     pool: &PgPool,
     class: ClassId,
 ) -> Result<Vec<(StudentId, StudentStatus)>, StoreError> {
-    let rows = sqlx::query(
+    let rows: Vec<StatusRow> = sqlx::query_as(
         "SELECT student_id, detail FROM student_status WHERE class_id = $1 ORDER BY student_id",
     )
     .bind(class.0)
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(|row| {
-            let Json(status): Json<StudentStatus> = row.try_get("detail")?;
-            Ok((StudentId(row.try_get("student_id")?), status))
-        })
-        .collect()
+    Ok(rows
+        .into_iter()
+        .map(|row| (StudentId(row.student_id), row.detail.0))
+        .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct StatusRow {
+    student_id: Uuid,
+    detail: Json<StudentStatus>,
 }
