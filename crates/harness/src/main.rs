@@ -24,7 +24,10 @@ use cellmon_testkit::verify::{self, Ledger};
 #[command(
     name = "harness",
     version,
-    about = "Cell Monitor's harness: real backends, faults, tests"
+    about = "Cell Monitor's harness: run the whole system on this machine, load it, inject faults, check that nothing was lost",
+    long_about = "Cell Monitor's harness: run the whole system on this machine (`up`), load it like a class (`load`), \
+        run a fault scenario under load (`chaos`), benchmark the gateway's fan-out (`fanout`), and check a ledger \
+        of sent events against both stores (`verify`). Everything runs on loopback; loads are bounded."
 )]
 struct Cli {
     #[command(subcommand)]
