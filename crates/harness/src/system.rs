@@ -116,13 +116,13 @@ impl LocalSystem {
             })?;
         let gateway_addr = gateway_listener.local_addr()?;
         let jwt_secret = uuid::Uuid::new_v4().simple().to_string();
-        let gateway_config = cellmon_gateway::Config {
-            redis_url: stack.redis.url().into(),
-            postgres_url: database_url.clone().into(),
+        let mut gateway_config = cellmon_gateway::Config {
             jwt_secret: jwt_secret.clone().into(),
             allowed_origins: vec![format!("http://{gateway_addr}"), "http://localhost".into()],
             ..cellmon_gateway::Config::default()
         };
+        gateway_config.redis.url = stack.redis.url().into();
+        gateway_config.postgres.url = database_url.clone().into();
         let instructor_token =
             cellmon_gateway::auth::Verifier::new(&jwt_secret.clone().into(), 0, 30)
                 .issue_token(instructor, 7 * 24 * 3600)?;

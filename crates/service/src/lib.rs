@@ -1,11 +1,22 @@
 //! What Cell Monitor's server binaries share, so each `main.rs` only names
 //! its configuration and its `serve`:
 //!
-//! * [`load_config`]: defaults, then an optional TOML file, then
-//!   `<PREFIX>*` environment variables (nested keys with `__`);
+//! * [`settings`]: the [`Settings`] a binary's configuration implements,
+//!   [`load`] (defaults, then an optional TOML file, then `<PREFIX>*`
+//!   environment variables with `__` for nesting, then validation), and the
+//!   [`Invalid`] key and reason a refusal names;
+//! * [`backends`]: the settings written the same way by every binary:
+//!   [`RedisSettings`], [`PostgresSettings`], [`InfluxSettings`],
+//!   [`ListenSettings`];
+//! * [`bearer()`]: the one reading of `Authorization: Bearer`;
 //! * [`run`]: logging, arguments (`--config FILE`), the runtime, the
 //!   listener, and SIGINT/SIGTERM as the shutdown signal. A bad
-//!   configuration exits with status 64 and says what is wrong.
+//!   configuration exits with status 64 and prints
+//!   `<bin>: bad configuration: <key>: <reason>`.
+
+pub mod backends;
+mod bearer;
+pub mod settings;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,32 +24,12 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::ExitCode;
 
-use figment::Figment;
-use figment::providers::{Env, Format as _, Serialized, Toml};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+pub use backends::{InfluxSettings, ListenSettings, PostgresSettings, RedisSettings};
+pub use bearer::bearer;
+pub use settings::{ConfigError, Invalid, Settings, check, duration, load, load_config};
 
 /// The exit status of a bad configuration or command line (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
-
-/// `defaults`, then `file` when given, then the variables starting with
-/// `env_prefix` except the `ignored` ones (lower case, without the prefix):
-/// those name the file or are what tools print for clients, not settings.
-pub fn load_config<T: Serialize + DeserializeOwned>(
-    defaults: T,
-    file: Option<&Path>,
-    env_prefix: &str,
-    ignored: &[&str],
-) -> Result<T, Box<figment::Error>> {
-    let mut figment = Figment::from(Serialized::defaults(defaults));
-    if let Some(file) = file {
-        figment = figment.merge(Toml::file_exact(file));
-    }
-    figment
-        .merge(Env::prefixed(env_prefix).ignore(ignored).split("__"))
-        .extract()
-        .map_err(Box::new)
-}
 
 /// Logs to stderr: JSON when `CELLMON_LOG_FORMAT=json`, the filter from
 /// `RUST_LOG` (default `info`).
@@ -87,14 +78,18 @@ pub struct Binary {
 
 /// The whole `main` of a server binary: logging, `--config FILE` (or the
 /// binary's config variable), `load`, a multi-threaded runtime, a listener
-/// on `listen(&config)`, and `serve` until SIGINT or SIGTERM.
-pub fn run<C, Fut>(
+/// on `listen(&config)`, and `serve` until SIGINT or SIGTERM. `load` is
+/// usually [`load`]`::<Config>`, or figment's loading alone; either way a
+/// refusal is printed one key per line and exits with
+/// [`EXIT_BAD_CONFIG`].
+pub fn run<C, E, Fut>(
     binary: Binary,
-    load: impl FnOnce(Option<&Path>) -> Result<C, Box<figment::Error>>,
+    load: impl FnOnce(Option<&Path>) -> Result<C, E>,
     listen: impl FnOnce(&C) -> SocketAddr,
     serve: impl FnOnce(C, tokio::net::TcpListener, Shutdown) -> Fut,
 ) -> ExitCode
 where
+    E: Into<ConfigError>,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     init_tracing();
@@ -120,7 +115,9 @@ where
     let config = match load(file.as_deref()) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("{name}: bad configuration: {error}");
+            for problem in error.into().problems() {
+                eprintln!("{name}: bad configuration: {problem}");
+            }
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };

@@ -43,6 +43,7 @@ pub mod docker;
 pub mod fixture;
 pub mod influx;
 pub mod pg;
+pub mod process;
 pub mod proxy;
 pub mod sample;
 pub mod stack;

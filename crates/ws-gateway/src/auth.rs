@@ -180,15 +180,9 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The bearer token of an HTTP request.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
+/// The bearer token of an HTTP request: the one reading every server
+/// shares.
+pub use cellmon_service::bearer;
 
 /// The token offered as a sub-protocol on an upgrade.
 pub fn protocol_token(headers: &HeaderMap) -> Option<&str> {

@@ -121,9 +121,13 @@ impl Hub {
         }
     }
 
-    /// A new socket's queue.
+    /// A new socket's queue, of `capacity` frames.
+    ///
+    /// # Panics
+    ///
+    /// If `capacity` is 0, which `queue_capacity`'s validation refuses.
     pub fn outbox(&self, capacity: usize) -> (Outbox, mpsc::Receiver<Frame>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = mpsc::channel(capacity);
         let outbox = Outbox {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tx,
@@ -332,16 +336,16 @@ pub fn live_frame(text: String, received: Instant) -> Option<(ClassId, Frame)> {
     ))
 }
 
-/// How often the pub/sub connection is pinged, and how long a pong may take.
-const PUBSUB_PING: Duration = Duration::from_secs(5);
-
 /// Holds the process's one pub/sub connection until `shutdown`,
-/// reconnecting with backoff, and feeds the hub.
+/// reconnecting with backoff, and feeds the hub. The connection is pinged
+/// every `ping`, which is also how long an answer or a new subscription
+/// may take.
 pub async fn run_pubsub(
     hub: Arc<Hub>,
     client: redis::Client,
     mut control: ConnectionManager,
     keys: StreamKeys,
+    ping: Duration,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -354,7 +358,7 @@ pub async fn run_pubsub(
         };
         let pubsub = tokio::select! {
             () = shutdown.cancelled() => return,
-            result = tokio::time::timeout(PUBSUB_PING, connected) => result,
+            result = tokio::time::timeout(ping, connected) => result,
         };
         let pubsub = match pubsub {
             Ok(Ok(pubsub)) => pubsub,
@@ -381,7 +385,7 @@ pub async fn run_pubsub(
             () = shutdown.cancelled() => return,
             () = catch_up(&hub, &mut control, &keys) => {}
         }
-        listen(&hub, pubsub, &keys, &shutdown).await;
+        listen(&hub, pubsub, &keys, ping, &shutdown).await;
         hub.metrics.pubsub_up.set(0);
         if shutdown.is_cancelled() {
             return;
@@ -394,13 +398,14 @@ async fn listen(
     hub: &Hub,
     pubsub: redis::aio::PubSub,
     keys: &StreamKeys,
+    every: Duration,
     shutdown: &CancellationToken,
 ) {
     let direct = keys.direct_channel();
     let (mut sink, mut messages) = pubsub.split();
     // A connection that died without a reset would just go quiet: ping it,
     // and reconnect when it does not answer.
-    let mut ping = tokio::time::interval(PUBSUB_PING);
+    let mut ping = tokio::time::interval(every);
     ping.reset();
     loop {
         let message = tokio::select! {
@@ -408,11 +413,12 @@ async fn listen(
             _ = ping.tick() => {
                 // In subscribed mode Redis answers PING with an array ([pong, ""]),
                 // not a string: any answer will do.
-                let pong = tokio::time::timeout(PUBSUB_PING, sink.ping::<redis::Value>()).await;
+                let pong = tokio::time::timeout(every, sink.ping::<redis::Value>()).await;
                 if !matches!(pong, Ok(Ok(_))) {
                     tracing::warn!("redis pub/sub does not answer; reconnecting");
                     return;
                 }
+                hub.metrics.pubsub_pongs.inc();
                 continue;
             }
             message = messages.next() => message,

@@ -34,6 +34,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt as _;
 use cellmon_bus::StreamKeys;
+use cellmon_service::Settings as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret as _;
 use sqlx::PgPool;
@@ -141,35 +142,36 @@ async fn metrics(State(state): State<AppState>) -> String {
     state.metrics.render()
 }
 
-/// Builds the shared state. Neither Redis nor Postgres need be up yet:
-/// connections are made on first use.
+/// Builds the shared state, after the same validation as loading, since
+/// tests and `harness up` build their configuration in code. Neither Redis
+/// nor Postgres need be up yet: connections are made on first use.
 pub fn state(config: Config, metrics: Metrics) -> anyhow::Result<AppState> {
-    if let Some(problem) = config.problem() {
-        anyhow::bail!("bad configuration: {problem}");
-    }
-    let client = redis::Client::open(config.redis_url.expose_secret())
+    config
+        .validate()
+        .map_err(|problem| anyhow::anyhow!("bad configuration: {problem}"))?;
+    let client = redis::Client::open(config.redis.url.expose_secret())
         .map_err(|e| anyhow::anyhow!("bad Redis URL: {e}"))?;
-    let timeout = Config::ms(config.redis_timeout_ms);
     let redis = ConnectionManager::new_lazy_with_config(
         client,
         ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout)),
+            .set_connection_timeout(Some(config.redis.timeout))
+            .set_response_timeout(Some(config.redis.timeout)),
     )?;
     let pool = cellmon_store::pg::pool(&cellmon_store::pg::PgConfig {
-        url: config.postgres_url.expose_secret().to_owned(),
-        max_connections: config.postgres_max_connections,
-        timeout: Config::ms(config.postgres_timeout_ms),
+        url: config.postgres.url.expose_secret().to_owned(),
+        max_connections: config.postgres.max_connections,
+        timeout: config.postgres.timeout,
     })?;
     Ok(AppState {
+        // Whole seconds: checked by `validate`.
         verifier: Verifier::new(
             &config.jwt_secret,
-            config.jwt_leeway_seconds,
-            config.ticket_seconds,
+            config.jwt_leeway.as_secs(),
+            config.ticket_lifetime.as_secs(),
         ),
         hub: Arc::new(Hub::new(metrics.clone())),
-        keys: StreamKeys::new(config.stream_prefix.clone(), 1),
-        connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+        keys: StreamKeys::new(config.redis.prefix.clone(), 1),
+        connections: Arc::new(Semaphore::new(config.max_connections)),
         config: Arc::new(config),
         pool,
         redis,
@@ -196,12 +198,13 @@ pub async fn serve_state(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let client = redis::Client::open(state.config.redis_url.expose_secret())?;
+    let client = redis::Client::open(state.config.redis.url.expose_secret())?;
     let pubsub = tokio::spawn(hub::run_pubsub(
         state.hub.clone(),
         client,
         state.redis.clone(),
         state.keys.clone(),
+        state.config.pubsub_ping,
         state.shutdown.clone(),
     ));
     tracing::info!(addr = ?listener.local_addr().ok(), "ws-gateway listening");
@@ -215,7 +218,7 @@ pub async fn serve_state(
     let token = state.shutdown.clone();
     let stop = token.clone();
     let tracker = state.tracker.clone();
-    let grace = Config::ms(state.config.shutdown_grace_ms);
+    let grace = state.config.shutdown_grace;
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;

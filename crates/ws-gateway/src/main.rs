@@ -1,8 +1,9 @@
 //! `ws-gateway`: loads the configuration and serves.
 //!
 //! Configuration: defaults, then the TOML file named by `--config FILE` or
-//! `CELLMON_GATEWAY_CONFIG`, then `CELLMON_GATEWAY_*` variables. A bad
-//! configuration exits with status 64 and says what is wrong.
+//! `CELLMON_GATEWAY_CONFIG`, then `CELLMON_GATEWAY_*` variables, checked
+//! once. A bad configuration exits with status 64 and prints
+//! `ws-gateway: bad configuration: <key>: <reason>`.
 
 use std::process::ExitCode;
 
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
             docs: "CELLMON_GATEWAY_* in docs/gateway.md",
         },
         Config::load,
-        |config| config.listen,
+        |config| config.listen.addr,
         serve,
     )
 }

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub pubsub_connects: IntCounter,
     /// 1 while the pub/sub connection is subscribed and answering.
     pub pubsub_up: IntGauge,
+    /// Pings the pub/sub connection answered.
+    pub pubsub_pongs: IntCounter,
     /// 1:1 messages sent, by sender.
     pub direct_messages: IntCounterVec,
 }
@@ -91,6 +93,10 @@ impl Metrics {
             "cellmon_gateway_pubsub_up",
             "1 while the Redis pub/sub connection is subscribed and answering",
         )?;
+        let pubsub_pongs = IntCounter::new(
+            "cellmon_gateway_pubsub_pongs_total",
+            "Pings the Redis pub/sub connection answered",
+        )?;
         let direct_messages = IntCounterVec::new(
             Opts::new(
                 "cellmon_gateway_direct_messages_total",
@@ -109,6 +115,7 @@ impl Metrics {
         registry.register(Box::new(gap_fills.clone()))?;
         registry.register(Box::new(pubsub_connects.clone()))?;
         registry.register(Box::new(pubsub_up.clone()))?;
+        registry.register(Box::new(pubsub_pongs.clone()))?;
         registry.register(Box::new(direct_messages.clone()))?;
         Ok(Self {
             registry,
@@ -123,6 +130,7 @@ impl Metrics {
             gap_fills,
             pubsub_connects,
             pubsub_up,
+            pubsub_pongs,
             direct_messages,
         })
     }

@@ -116,7 +116,7 @@ pub(crate) async fn run(
         };
         // The closing handshake: send ours, then let the client answer
         // before the connection goes.
-        let _ = tokio::time::timeout(crate::config::Config::ms(config.write_timeout_ms), async {
+        let _ = tokio::time::timeout(config.write_timeout, async {
             if conn.socket.send(Message::Close(Some(frame))).await.is_ok() {
                 while let Some(Ok(_)) = conn.socket.recv().await {}
             }
@@ -140,12 +140,12 @@ impl Connection {
         if let Err(end) = self.send_unread().await {
             return end;
         }
-        let heartbeat_every = crate::config::Config::ms(config.heartbeat_ms);
-        let idle_timeout = crate::config::Config::ms(config.idle_timeout_ms);
+        let heartbeat_every = config.heartbeat;
+        let idle_timeout = config.idle_timeout;
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
         let mut last_heard = Instant::now();
-        let mut batch = Vec::with_capacity(config.write_batch.max(1));
+        let mut batch = Vec::with_capacity(config.write_batch);
         let signals = self.outbox.signals.clone();
         loop {
             let step = tokio::select! {
@@ -157,7 +157,7 @@ impl Connection {
                     return End::Close(close::POLICY, "token expired");
                 }
                 () = signals.notified() => self.fell_behind().await,
-                received = queue.recv_many(&mut batch, config.write_batch.max(1)) => {
+                received = queue.recv_many(&mut batch, config.write_batch) => {
                     if received == 0 {
                         return End::Gone;
                     }
@@ -192,7 +192,7 @@ impl Connection {
         let unread = messages::unread_messages_for_instructor(
             &self.state.pool,
             self.instructor,
-            self.state.config.unread_on_connect,
+            i64::from(self.state.config.unread_on_connect),
         )
         .await;
         match unread {
@@ -219,7 +219,7 @@ impl Connection {
             }
             Message::Close(_) => {
                 // Sends the close reply the library queued.
-                let timeout = crate::config::Config::ms(self.state.config.write_timeout_ms);
+                let timeout = self.state.config.write_timeout;
                 let _ = tokio::time::timeout(timeout, self.socket.flush()).await;
                 return Err(End::Gone);
             }
@@ -538,7 +538,7 @@ impl Connection {
     /// Queues a message in the socket's write buffer (writing when it is
     /// full), bounded by the write timeout.
     async fn write(&mut self, message: Message) -> Result<(), End> {
-        let timeout = crate::config::Config::ms(self.state.config.write_timeout_ms);
+        let timeout = self.state.config.write_timeout;
         match tokio::time::timeout(timeout, self.socket.feed(message)).await {
             Ok(Ok(())) => {
                 self.written += 1;
@@ -553,7 +553,7 @@ impl Connection {
         if self.written == 0 {
             return Ok(());
         }
-        let timeout = crate::config::Config::ms(self.state.config.write_timeout_ms);
+        let timeout = self.state.config.write_timeout;
         match tokio::time::timeout(timeout, self.socket.flush()).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(End::Gone),
@@ -598,10 +598,12 @@ struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// Both at least 1 (checked at load): a bucket that never fills would
+    /// refuse every message.
     fn new(per_second: u32, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
+        let burst = f64::from(burst);
         Self {
-            rate: f64::from(per_second.max(1)),
+            rate: f64::from(per_second),
             burst,
             tokens: burst,
             at: Instant::now(),

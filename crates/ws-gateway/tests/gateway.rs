@@ -47,15 +47,20 @@ async fn a_subscriber_gets_a_snapshot_then_every_update_in_order() -> anyhow::Re
     gateway.stop().await
 }
 
-/// The pub/sub connection is pinged every 5 s; a healthy one answers and is
-/// kept (it used to be dropped and re-made at every ping, because Redis
-/// answers PING on a subscribed connection with an array).
+/// The pub/sub connection is pinged (every 5 s by default, every 250 ms
+/// here, which is also how long an answer may take); a healthy one answers
+/// and is kept (it used to be dropped and
+/// re-made at every ping, because Redis answers PING on a subscribed
+/// connection with an array).
 #[tokio::test]
 async fn a_healthy_pubsub_connection_is_kept_across_pings() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let mut gateway = Gateway::start(&backends, |_| {}).await?;
-    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let mut gateway = Gateway::start(&backends, |config| {
+        config.pubsub_ping = Duration::from_millis(250);
+    })
+    .await?;
     let metrics = gateway.state.metrics();
+    common::wait_until(|| async { metrics.pubsub_pongs.get() >= 3 }).await?;
     assert_eq!(metrics.pubsub_connects.get(), 1);
     assert_eq!(metrics.pubsub_up.get(), 1);
     gateway.stop().await
@@ -157,7 +162,8 @@ async fn resume_with_since_has_no_gap_and_no_duplicate() -> anyhow::Result<()> {
 #[tokio::test]
 async fn ws_authz() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let mut gateway = Gateway::start(&backends, |config| config.jwt_leeway_seconds = 0).await?;
+    let mut gateway =
+        Gateway::start(&backends, |config| config.jwt_leeway = Duration::ZERO).await?;
     let (mine, _) = gateway.class().await?;
     let (theirs, _) = gateway.class().await?;
     let (me, token) = gateway.instructor(&[mine]).await?;
@@ -313,8 +319,8 @@ async fn limits_errors_and_heartbeat() -> anyhow::Result<()> {
         config.client_messages_per_second = 5;
         config.client_message_burst = 10;
         config.max_message_bytes = 1024;
-        config.heartbeat_ms = 200;
-        config.idle_timeout_ms = 600;
+        config.heartbeat = Duration::from_millis(200);
+        config.idle_timeout = Duration::from_millis(600);
     })
     .await?;
     let (a, _) = gateway.class().await?;

@@ -50,16 +50,16 @@ impl Gateway {
     ) -> anyhow::Result<Self> {
         let secret = format!("secret-{}", Uuid::new_v4().simple());
         let mut config = Config {
-            redis_url: backends.redis_url().into(),
-            stream_prefix: backends.redis_prefix().to_owned(),
-            postgres_url: backends.pg_url().into(),
             jwt_secret: secret.clone().into(),
             allowed_origins: vec!["https://dash.example.edu".into()],
             ..Config::default()
         };
+        config.redis.url = backends.redis_url().into();
+        config.redis.prefix = backends.redis_prefix().to_owned();
+        config.postgres.url = backends.pg_url().into();
         tune(&mut config);
-        let verifier = Verifier::new(&config.jwt_secret, 0, config.ticket_seconds);
-        let keys = StreamKeys::new(config.stream_prefix.clone(), 1);
+        let verifier = Verifier::new(&config.jwt_secret, 0, config.ticket_lifetime.as_secs());
+        let keys = StreamKeys::new(config.redis.prefix.clone(), 1);
         let state = cellmon_gateway::state(config, Metrics::new()?)?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
