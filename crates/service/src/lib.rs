@@ -5,7 +5,8 @@
 //!   `<PREFIX>*` environment variables (nested keys with `__`);
 //! * [`run`]: logging, arguments (`--config FILE`), the runtime, the
 //!   listener, and SIGINT/SIGTERM as the shutdown signal. A bad
-//!   configuration exits with status 64 and says what is wrong.
+//!   configuration exits with status 64 and says what is wrong, and so
+//!   does a [`BadSetting`] that `serve` returns.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +21,36 @@ use serde::de::DeserializeOwned;
 
 /// The exit status of a bad configuration or command line (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// A start-up failure that is the configuration's fault although the
+/// configuration loaded: a setting names something this process cannot
+/// have (such as a spool directory another process holds). `serve` returns
+/// it (anywhere in its error's chain) and [`run`] exits with
+/// [`EXIT_BAD_CONFIG`], as for a configuration that does not load.
+#[derive(Debug, thiserror::Error)]
+#[error("the setting `{setting}` cannot be used")]
+pub struct BadSetting {
+    setting: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl BadSetting {
+    pub fn new(
+        setting: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            setting,
+            source: source.into(),
+        }
+    }
+
+    /// The setting's name, as in the configuration file.
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+}
 
 /// `defaults`, then `file` when given, then the variables starting with
 /// `env_prefix` except the `ignored` ones (lower case, without the prefix):
@@ -141,6 +172,10 @@ where
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.chain().any(|cause| cause.is::<BadSetting>()) => {
+            eprintln!("{name}: bad configuration: {error:#}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
         Err(error) => {
             eprintln!("{name}: {error:#}");
             ExitCode::FAILURE
