@@ -10,6 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use cellmon_bus::HandedOff;
 use cellmon_domain::envelope::StreamEvent;
 use cellmon_domain::{DecodeError, WireEvent, decode_batch, validate};
 use http_body_util::BodyExt as _;
@@ -138,12 +139,16 @@ async fn handle(
         return Err(ApiError::NothingValid { rejected });
     }
 
-    let spooled = match state.producer.publish(&events).await {
-        Ok(_) => false,
+    let spooled = match state.handoff.hand_off(&events).await {
+        Ok(HandedOff::Redis) => false,
+        Ok(HandedOff::Spooled) => true,
         Err(error) => {
-            tracing::debug!(%error, events = events.len(), "Redis did not take the events; spooling");
-            crate::replay::spool(state, &events).await?;
-            true
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                events = events.len(),
+                "neither Redis nor the spool took the events; answering 503"
+            );
+            return Err(ApiError::Unavailable);
         }
     };
     state.metrics.events_accepted.inc_by(events.len() as u64);

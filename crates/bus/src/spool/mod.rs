@@ -766,14 +766,20 @@ mod tests {
         fill(&spool, 3).await;
         let clone = spool.clone();
         match Spool::open(config(dir.path())) {
-            Err(SpoolError::Locked { dir: locked, holder }) => {
+            Err(SpoolError::Locked {
+                dir: locked,
+                holder,
+            }) => {
                 assert_eq!(locked, dir.path());
                 assert_eq!(holder, Some(std::process::id()));
             }
             other => panic!("a second open must be refused: {other:?}"),
         }
         let message = Spool::open(config(dir.path())).unwrap_err().to_string();
-        assert!(message.contains(&dir.path().display().to_string()), "{message}");
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
         // Every clone holds the lock; the last one releases it.
         drop(spool);
         assert!(matches!(
