@@ -348,25 +348,30 @@ impl Worker<'_> {
 /// time is reset every third of `claim_idle`, so no other consumer takes
 /// them over while this one is alive and working on them (a long write, a
 /// retry after a failure). Only deliveries to consumers that died or hung
-/// then count towards the delivery limit.
+/// then count towards the delivery limit. The refreshing runs beside the
+/// work, never in its way: a Redis that hangs delays no write.
 async fn keep_claimed<T>(
     consumer: &Consumer,
     entries: &[Entry],
     work: impl Future<Output = T>,
 ) -> T {
+    tokio::select! {
+        out = work => out,
+        never = keep_refreshing(consumer, entries) => match never {},
+    }
+}
+
+async fn keep_refreshing(consumer: &Consumer, entries: &[Entry]) -> std::convert::Infallible {
     let every = consumer.config().claim_idle / 3;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(work);
     loop {
-        tokio::select! {
-            biased;
-            out = &mut work => return out,
-            _ = tick.tick() => {
-                if let Err(error) = consumer.touch(entries).await {
-                    tracing::debug!(error = &error as &dyn Error, "could not refresh held entries");
-                }
-            }
+        tick.tick().await;
+        if let Err(error) = consumer.touch(entries).await {
+            tracing::debug!(
+                error = &error as &dyn Error,
+                "could not refresh held entries"
+            );
         }
     }
 }
