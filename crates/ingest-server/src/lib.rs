@@ -78,7 +78,7 @@ impl std::fmt::Debug for AppState {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("bad configuration: {0}")]
+    #[error("{0}")]
     Config(&'static str),
     #[error("bad Redis URL")]
     RedisUrl(#[source] PublishError),
@@ -100,7 +100,7 @@ impl StartError {
                 source: SpoolError::Locked { .. },
                 ..
             } => cellmon_service::BadSetting::new("spool.dir", self).into(),
-            Self::Config(_) => cellmon_service::BadSetting::new("ingest", self).into(),
+            Self::Config(_) => cellmon_service::BadSetting::settings(self).into(),
             other => other.into(),
         }
     }

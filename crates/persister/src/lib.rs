@@ -74,17 +74,14 @@ pub enum StartError {
 impl StartError {
     /// Each is the configuration's fault: marked so the binary exits with
     /// status 64.
-    fn setting(&self) -> &'static str {
-        match self {
-            Self::Config(_) => "persister",
+    fn into_anyhow(self) -> anyhow::Error {
+        let setting = match self {
+            Self::Config(_) => return BadSetting::settings(self).into(),
             Self::Redis(_) => "redis_url",
             Self::Postgres(_) => "postgres_url",
             Self::Influx(_) => "influx_url",
-        }
-    }
-
-    fn into_anyhow(self) -> anyhow::Error {
-        BadSetting::new(self.setting(), self).into()
+        };
+        BadSetting::new(setting, self).into()
     }
 }
 

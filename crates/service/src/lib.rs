@@ -28,26 +28,39 @@ pub const EXIT_BAD_CONFIG: u8 = 64;
 /// it (anywhere in its error's chain) and [`run`] exits with
 /// [`EXIT_BAD_CONFIG`], as for a configuration that does not load.
 #[derive(Debug, thiserror::Error)]
-#[error("the setting `{setting}` cannot be used")]
+#[error("{}", match .setting {
+    Some(setting) => format!("the setting `{setting}` cannot be used"),
+    None => "the settings cannot be used".to_owned(),
+})]
 pub struct BadSetting {
-    setting: &'static str,
+    setting: Option<&'static str>,
     #[source]
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl BadSetting {
+    /// `setting` (its name as in the configuration file) cannot be used,
+    /// because of `source`.
     pub fn new(
         setting: &'static str,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         Self {
-            setting,
+            setting: Some(setting),
             source: source.into(),
         }
     }
 
-    /// The setting's name, as in the configuration file.
-    pub fn setting(&self) -> &'static str {
+    /// The settings together cannot be used; `source` says which and why.
+    pub fn settings(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            setting: None,
+            source: source.into(),
+        }
+    }
+
+    /// The setting's name, when one alone is at fault.
+    pub fn setting(&self) -> Option<&'static str> {
         self.setting
     }
 }
