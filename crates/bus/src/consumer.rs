@@ -8,11 +8,29 @@
 //! * acknowledge an entry only after its sink committed it ([`Consumer::ack`]);
 //! * reclaim entries that a consumer took and never acknowledged
 //!   ([`Consumer::claim_stale`], `XAUTOCLAIM`);
-//! * an entry delivered `max_deliveries` times, or one that cannot be
-//!   decoded or that its sink rejects, goes to the group's dead-letter
-//!   stream and is acknowledged, so it never blocks the others;
+//! * an entry that cannot be decoded, that its sink refuses, or that was
+//!   delivered more than `max_deliveries` times (the rule below) goes to
+//!   the group's dead-letter stream and is acknowledged, so it never blocks
+//!   the others;
 //! * trim a stream only below the oldest entry some group still needs
 //!   ([`trim`], `XTRIM MINID`).
+//!
+//! # The delivery limit: `max_deliveries`
+//!
+//! This is the one place the rule is defined; the persister's setting of
+//! the same name feeds [`ConsumerConfig::max_deliveries`].
+//!
+//! An entry is delivered, and so tried, at most `max_deliveries` times.
+//! Redis counts a delivery each time a consumer reads the entry and each
+//! time one takes it over from another (`XAUTOCLAIM`). A live consumer
+//! keeps the entries it works on claimed ([`Consumer::touch`]) while it
+//! writes them and while it waits to retry a failing sink, so an outage or
+//! a slow backend adds no deliveries: every delivery past the first means a
+//! consumer died or hung holding the entry. When reclaiming finds an entry
+//! whose count is past the limit, it comes back in [`Claimed::exhausted`]
+//! and goes to the dead-letter stream untried: it (or the batch it came
+//! in) keeps killing its consumers, and trying it again would only kill
+//! the next one.
 //!
 //! Groups are created (from the start of the stream) whenever Redis says
 //! they do not exist, which also recreates them after Redis lost its data.
@@ -46,7 +64,8 @@ pub struct ConsumerConfig {
     pub batch_wait: Duration,
     /// An entry pending this long with another consumer is reclaimed.
     pub claim_idle: Duration,
-    /// After this many deliveries an entry goes to the dead-letter stream.
+    /// The most times an entry is delivered; see [the delivery
+    /// limit](self#the-delivery-limit-max_deliveries).
     pub max_deliveries: u64,
     /// Longest any one Redis call may take (besides a read's blocking time).
     pub timeout: Duration,
@@ -93,7 +112,8 @@ impl Entry {
 pub struct Claimed {
     /// Entries now owned by this consumer, to process again.
     pub entries: Vec<Entry>,
-    /// Entries delivered too often: dead-letter them.
+    /// Entries delivered more than `max_deliveries` times: dead-letter
+    /// them untried ([the delivery limit](self#the-delivery-limit-max_deliveries)).
     pub exhausted: Vec<Entry>,
 }
 
@@ -124,10 +144,12 @@ fn is_code(error: &redis::RedisError, code: &str) -> bool {
 }
 
 impl Consumer {
-    /// Connects (retrying in the background after failures) and makes sure
-    /// the group exists on every shard.
-    pub async fn connect(url: &str, config: ConsumerConfig) -> Result<Self, BusError> {
-        let client = redis::Client::open(url)?;
+    /// Connects through `client` (retrying in the background after
+    /// failures) and makes sure the group exists on every shard. The
+    /// consumer has a connection of its own: its blocking reads would hold
+    /// up any other command on a shared one.
+    pub async fn connect(client: &redis::Client, config: ConsumerConfig) -> Result<Self, BusError> {
+        let client = client.clone();
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(READ_BLOCK + config.batch_wait + config.timeout))
@@ -243,7 +265,7 @@ impl Consumer {
     /// the first, then gathers more until the batch is full or `batch_wait`
     /// passed. Empty when nothing arrived.
     pub async fn read(&self) -> Result<Vec<Entry>, BusError> {
-        let max = self.config.batch_max.max(1);
+        let max = self.config.batch_max;
         let mut batch = self.read_once(Some(READ_BLOCK), max).await?;
         if batch.is_empty() {
             return Ok(batch);
@@ -265,8 +287,8 @@ impl Consumer {
 
     /// Takes over entries that other consumers (or an earlier life of this
     /// process) took and have not acknowledged for `claim_idle`, up to
-    /// `batch_max`. Entries delivered `max_deliveries` times or more come
-    /// back as exhausted.
+    /// `batch_max`. Entries delivered more than `max_deliveries` times
+    /// (this take-over included) come back as exhausted.
     pub async fn claim_stale(&self) -> Result<Claimed, BusError> {
         let mut claimed = Claimed::default();
         let idle = self.config.claim_idle.as_millis() as u64;
@@ -303,7 +325,7 @@ impl Consumer {
                 let count = deliveries.get(&id.id).copied();
                 let mut entry = Entry::new(stream, id.id, id.map);
                 entry.deliveries = count;
-                if count.is_some_and(|n| n >= self.config.max_deliveries) {
+                if count.is_some_and(|n| n > self.config.max_deliveries) {
                     claimed.exhausted.push(entry);
                 } else {
                     claimed.entries.push(entry);
@@ -366,7 +388,7 @@ impl Consumer {
 
     /// Resets the idle time of entries this consumer holds (`XCLAIM` with
     /// `JUSTID`, which does not count as a delivery), so that while it
-    /// retries a failing sink nobody takes them over.
+    /// writes them or retries a failing sink nobody takes them over.
     pub async fn touch(&self, entries: &[Entry]) -> Result<(), BusError> {
         let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
         for entry in entries {

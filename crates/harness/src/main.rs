@@ -471,8 +471,9 @@ async fn up(env_file: Option<PathBuf>, ingest_port: u16, gateway_port: u16) -> a
         )?;
         writeln!(
             out,
-            "the persister writes them to Postgres ({}) and InfluxDB (database cellmon)",
-            system.database_url
+            "the persister writes them to Postgres ({}) and InfluxDB (database cellmon); \
+             its health and metrics: http://{}/health/ready, /metrics",
+            system.database_url, system.persister_addr
         )?;
         writeln!(
             out,

@@ -1,7 +1,8 @@
 //! The whole system on one machine: the three backends, and in this
-//! process the ingest server (with its persister) and the WebSocket
-//! gateway, with one class, its token and an instructor. `harness up` runs
-//! it until Ctrl-C; `harness chaos` and the tests run faults against it.
+//! process the ingest server, the persister and the WebSocket gateway
+//! (three `serve` calls, as production runs three processes), with one
+//! class, its token and an instructor. `harness up` runs it until Ctrl-C;
+//! `harness chaos` and the tests run faults against it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ use cellmon_testkit::stack::Stack;
 pub struct LocalSystem {
     pub stack: Stack,
     pub ingest_addr: SocketAddr,
+    /// The persister's health and metrics.
+    pub persister_addr: SocketAddr,
     pub gateway_addr: SocketAddr,
     pub class_id: ClassId,
     /// The class's ingest token.
@@ -66,7 +69,6 @@ impl LocalSystem {
         let database_url = cellmon_testkit::pg::with_database(&stack.postgres.url(), "cellmon");
         create_database(&stack.postgres.url(), "cellmon").await?;
         let mut config = cellmon_ingest::Config {
-            role: cellmon_ingest::config::Role::All,
             redis_url: stack.redis.url().into(),
             classes: vec![ClassToken {
                 class_id,
@@ -76,9 +78,13 @@ impl LocalSystem {
             ..cellmon_ingest::Config::default()
         };
         config.spool.dir = spool_dir.clone();
-        config.persister.postgres_url = database_url.clone().into();
-        config.persister.influx_url = stack.influx.url();
-        config.persister.influx_database = "cellmon".into();
+        let persister_config = cellmon_persister::Config {
+            redis_url: stack.redis.url().into(),
+            postgres_url: database_url.clone().into(),
+            influx_url: stack.influx.url(),
+            influx_database: "cellmon".into(),
+            ..cellmon_persister::Config::default()
+        };
         // The schema first: the gateway reads it from its first request on.
         let pool = cellmon_store::pg::pool(&cellmon_store::pg::PgConfig {
             url: database_url.clone(),
@@ -106,6 +112,13 @@ impl LocalSystem {
             }
         };
         let ingest = tokio::spawn(cellmon_ingest::serve(config, listener, signal()));
+        let persister_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let persister_addr = persister_listener.local_addr()?;
+        let persister = tokio::spawn(cellmon_persister::serve(
+            persister_config,
+            persister_listener,
+            signal(),
+        ));
 
         let gateway_listener = tokio::net::TcpListener::bind(("127.0.0.1", gateway_port))
             .await
@@ -134,6 +147,7 @@ impl LocalSystem {
         Ok(Self {
             stack,
             ingest_addr,
+            persister_addr,
             gateway_addr,
             class_id,
             token,
@@ -142,7 +156,11 @@ impl LocalSystem {
             instructor_token,
             jwt_secret,
             stop,
-            tasks: vec![("ingest server", ingest), ("gateway", gateway)],
+            tasks: vec![
+                ("ingest server", ingest),
+                ("persister", persister),
+                ("gateway", gateway),
+            ],
             spool_dir,
         })
     }
@@ -165,6 +183,10 @@ impl LocalSystem {
         set("CELLMON_DATABASE_URL", self.database_url.clone());
         set("CELLMON_INFLUX_DATABASE", "cellmon".into());
         set("CELLMON_INGEST_URL", format!("http://{}", self.ingest_addr));
+        set(
+            "CELLMON_PERSISTER_URL",
+            format!("http://{}", self.persister_addr),
+        );
         set("CELLMON_CLASS_ID", self.class_id.to_string());
         set("CELLMON_INGEST_TOKEN", self.token.clone());
         set(

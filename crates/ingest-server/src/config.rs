@@ -14,10 +14,6 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// What this process does: `ingest` (the events API), `persister`
-    /// (Redis Streams to Postgres and InfluxDB, with only health and
-    /// metrics over HTTP), or `all` (both, the one-machine deployment).
-    pub role: Role,
     /// Where `main` listens (tests pass their own listener).
     pub listen: SocketAddr,
     /// Redis, with AOF on (`redis://host:6379/`). Secret: it may carry a
@@ -50,98 +46,15 @@ pub struct Config {
     pub open_class: Option<ClassId>,
     pub rate_limit: RateLimit,
     pub spool: SpoolSettings,
-    pub persister: PersisterSettings,
-}
-
-/// What a process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Ingest,
-    Persister,
-    All,
-}
-
-impl Role {
-    pub fn ingests(self) -> bool {
-        matches!(self, Self::Ingest | Self::All)
-    }
-
-    pub fn persists(self) -> bool {
-        matches!(self, Self::Persister | Self::All)
-    }
-}
-
-/// The persister: consumer groups `pg` and `influx` over the event streams.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PersisterSettings {
-    /// Postgres (`postgres://user@host:5432/db`). Secret; never serialized.
-    #[serde(skip_serializing)]
-    pub postgres_url: SecretString,
-    pub postgres_max_connections: u32,
-    /// Longest a Postgres statement or connection attempt may take.
-    pub postgres_timeout_ms: u64,
-    /// Apply the schema's migrations at start-up.
-    pub migrate: bool,
-    /// InfluxDB base URL (v1 HTTP API).
-    pub influx_url: String,
-    pub influx_database: String,
-    /// InfluxDB 2.x/3.x token for the v1 compatibility API. Never serialized.
-    #[serde(skip_serializing)]
-    pub influx_token: Option<SecretString>,
-    pub influx_timeout_ms: u64,
-    /// A batch is written at this many events ...
-    pub batch_max: usize,
-    /// ... or this long after its first event arrived.
-    pub batch_wait_ms: u64,
-    /// Entries another consumer has held this long unacknowledged are
-    /// taken over (its process died or hangs).
-    pub claim_idle_ms: u64,
-    /// How often to look for such entries.
-    pub claim_interval_ms: u64,
-    /// After this many deliveries an entry goes to the dead-letter stream.
-    pub max_deliveries: u64,
-    /// First and longest pause between retries of a failing sink.
-    pub retry_initial_ms: u64,
-    pub retry_max_ms: u64,
-    /// How often streams are trimmed below what every group still needs.
-    pub trim_interval_ms: u64,
-    /// How often students whose status can change by time alone (going
-    /// idle, a help request lapsing) are recomputed, when nothing else
-    /// recomputed them for that long.
-    pub status_sweep_ms: u64,
-}
-
-impl Default for PersisterSettings {
-    fn default() -> Self {
-        Self {
-            postgres_url: SecretString::from("postgres://postgres@127.0.0.1:5432/cellmon"),
-            postgres_max_connections: 8,
-            postgres_timeout_ms: 10_000,
-            migrate: true,
-            influx_url: "http://127.0.0.1:8086".into(),
-            influx_database: "cellmon".into(),
-            influx_token: None,
-            influx_timeout_ms: 10_000,
-            batch_max: 2_000,
-            batch_wait_ms: 50,
-            claim_idle_ms: 30_000,
-            claim_interval_ms: 5_000,
-            max_deliveries: 5,
-            retry_initial_ms: 100,
-            retry_max_ms: 5_000,
-            trim_interval_ms: 10_000,
-            status_sweep_ms: 15_000,
-        }
-    }
 }
 
 /// The local spool that takes events when Redis cannot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpoolSettings {
-    /// Directory of the spool's files; one server per directory.
+    /// Directory of the spool's files. One server per directory: it is
+    /// locked while a server has it open, and a second server on it exits
+    /// with status 64.
     pub dir: PathBuf,
     /// Most bytes on disk; beyond it requests get 503.
     pub max_bytes: u64,
@@ -198,7 +111,6 @@ impl Default for RateLimit {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            role: Role::Ingest,
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             redis_url: SecretString::from("redis://127.0.0.1:6379/"),
             stream_prefix: "cellmon:".into(),
@@ -213,22 +125,44 @@ impl Default for Config {
             open_class: None,
             rate_limit: RateLimit::default(),
             spool: SpoolSettings::default(),
-            persister: PersisterSettings::default(),
         }
     }
 }
 
 impl Config {
-    /// Defaults, then `file` when given, then the environment.
+    /// Defaults, then `file` when given, then the environment; refused
+    /// when a value cannot work (see [`Self::problem`]).
     pub fn load(file: Option<&Path>) -> Result<Self, Box<figment::Error>> {
         // CELLMON_INGEST_CONFIG names the file; URL and TOKEN are what
         // `harness up` prints for clients.
-        cellmon_service::load_config(
+        let config: Self = cellmon_service::load_config(
             Config::default(),
             file,
             "CELLMON_INGEST_",
             &["config", "url", "token"],
-        )
+        )?;
+        match config.problem() {
+            Some(problem) => Err(Box::new(figment::Error::from(problem.to_owned()))),
+            None => Ok(config),
+        }
+    }
+
+    /// What makes these settings unusable, if anything. Checked once, at
+    /// load and by [`crate::serve`], so no use site needs to clamp.
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.stream_shards == 0 {
+            Some("stream_shards must be at least 1")
+        } else if self.max_in_flight == 0 {
+            Some("max_in_flight must be at least 1: with 0 every request would be refused")
+        } else if self.rate_limit.per_second == 0 || self.rate_limit.burst == 0 {
+            Some("rate_limit.per_second and rate_limit.burst must be at least 1")
+        } else if self.redis_timeout_ms == 0 || self.redis_watch_ms == 0 {
+            Some("redis_timeout_ms and redis_watch_ms must be at least 1")
+        } else if self.spool.max_bytes == 0 {
+            Some("spool.max_bytes must be at least 1: with 0 nothing could be spooled")
+        } else {
+            None
+        }
     }
 
     pub fn redis_timeout(&self) -> Duration {
@@ -292,6 +226,16 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("CELLMON_INGEST_REDIS_TIMOUT_MS", "5");
             assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unusable_values_are_refused_with_their_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CELLMON_INGEST_MAX_IN_FLIGHT", "0");
+            let error = Config::load(None).expect_err("max_in_flight = 0");
+            assert!(error.to_string().contains("max_in_flight"), "{error}");
             Ok(())
         });
     }

@@ -10,6 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use cellmon_bus::HandedOff;
 use cellmon_domain::envelope::StreamEvent;
 use cellmon_domain::{DecodeError, WireEvent, decode_batch, validate};
 use http_body_util::BodyExt as _;
@@ -83,7 +84,7 @@ async fn handle(
                 .find(|(key, _)| key == "token")
                 .map(|(_, value)| value.into_owned())
         })
-        .or_else(|| bearer(headers));
+        .or_else(|| cellmon_service::bearer(headers).map(str::to_owned));
     let class_id = state
         .tokens
         .class_for(token.as_deref())
@@ -138,12 +139,16 @@ async fn handle(
         return Err(ApiError::NothingValid { rejected });
     }
 
-    let spooled = match state.producer.publish(&events).await {
-        Ok(_) => false,
+    let spooled = match state.handoff.hand_off(&events).await {
+        Ok(HandedOff::Redis) => false,
+        Ok(HandedOff::Spooled) => true,
         Err(error) => {
-            tracing::debug!(%error, events = events.len(), "Redis did not take the events; spooling");
-            crate::replay::spool(state, &events).await?;
-            true
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                events = events.len(),
+                "neither Redis nor the spool took the events; answering 503"
+            );
+            return Err(ApiError::Unavailable);
         }
     };
     state.metrics.events_accepted.inc_by(events.len() as u64);
@@ -169,14 +174,6 @@ fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
         },
         v4 => v4,
     }
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))?;
-    Some(token.trim().to_owned())
 }
 
 /// Most bytes of an oversized body read and thrown away before answering

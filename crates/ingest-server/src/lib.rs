@@ -1,25 +1,23 @@
 //! Cell Monitor's ingest server: the HTTP API the JupyterLab extension posts
-//! events to.
+//! events to, and nothing else.
 //!
 //! `POST /api/v1/events` takes a JSON array of events or a single event
 //! (optionally gzip-compressed), attributes it to a class by ingest token
-//! (or to the configured open class), validates every item, and answers
-//! `202 {accepted, duplicates, rejected, eventIds}` only after Redis
-//! acknowledged every accepted event, or, when Redis is down or slower than
-//! its timeout, after they were fsync'd to the local spool (ARCHITECTURE.md
-//! rule 1); a replayer sends spooled events to Redis when it is back, and at
-//! start-up. Otherwise it
-//! answers with a JSON error with a stable `code` (see [`error::ApiError`]):
-//! 400 malformed, 413 too large, 415 unknown encoding, 422 nothing valid,
-//! 401 bad token, 429 rate limited, 503 when neither Redis nor the spool
-//! can take the events.
+//! (or to the configured open class), validates every item, and hands the
+//! valid ones off durably with [`cellmon_bus::Handoff`] (ARCHITECTURE.md
+//! rule 1: Redis within its timeout, else the fsync'd local spool). It
+//! answers `202 {accepted, duplicates, rejected, eventIds}` only once that
+//! succeeded; a replayer sends spooled events to Redis when it is back, and
+//! at start-up. Otherwise it answers with a JSON error with a stable `code`
+//! (see [`error::ApiError`]): 400 malformed, 413 too large, 415 unknown
+//! encoding, 422 nothing valid, 401 bad token, 429 rate limited, 503 when
+//! neither Redis nor the spool can take the events.
 //!
-//! Also: `GET /health/live`, `GET /health/ready` (Redis answers) and
-//! `GET /metrics` (Prometheus).
+//! Also: `GET /health/live`, `GET /health/ready` (Redis answers, or the
+//! spool has room) and `GET /metrics` (Prometheus).
 //!
-//! The same binary is the persister ([`persist`]): with `role = "persister"`
-//! it consumes the streams into Postgres and InfluxDB (serving only health
-//! and metrics), with `role = "all"` it does both in one process.
+//! The persister, which reads the streams into Postgres and InfluxDB, is
+//! its own crate and binary (`cellmon-persister`).
 //!
 //! The binary's `main` only loads [`Config`] and calls [`serve`], so tests
 //! run the very same server in-process on port 0.
@@ -29,11 +27,12 @@ pub mod config;
 pub mod error;
 mod events;
 pub mod metrics;
-pub mod persist;
-mod replay;
+mod redis_watch;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,11 +42,13 @@ use axum::http::{HeaderName, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use cellmon_bus::spool::{Spool, SpoolConfig};
-use cellmon_bus::{Producer, ProducerConfig, StreamKeys};
+use cellmon_bus::handoff::Accepting;
+use cellmon_bus::spool::{SpoolConfig, SpoolError};
+use cellmon_bus::{Handoff, Producer, ProducerConfig, PublishError, StreamKeys};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use secrecy::ExposeSecret as _;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::cors::{Any, CorsLayer};
 
 pub use config::Config;
@@ -60,8 +61,7 @@ use crate::metrics::Metrics;
 pub struct AppState {
     config: Arc<Config>,
     tokens: Arc<Tokens>,
-    producer: Producer,
-    spool: Spool,
+    handoff: Handoff,
     metrics: Metrics,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -75,10 +75,45 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(&'static str),
+    #[error("bad Redis URL")]
+    RedisUrl(#[source] PublishError),
+    #[error("cannot open the spool in {}", .dir.display())]
+    Spool {
+        dir: PathBuf,
+        #[source]
+        source: SpoolError,
+    },
+}
+
+impl StartError {
+    /// For `serve`'s caller: a configuration that cannot work on this
+    /// machine (a spool directory another process holds) is marked, so the
+    /// binary exits with status 64 as for any bad configuration.
+    fn into_anyhow(self) -> anyhow::Error {
+        match self {
+            Self::Spool {
+                source: SpoolError::Locked { .. },
+                ..
+            } => cellmon_service::BadSetting::new("spool.dir", self).into(),
+            Self::Config(_) => cellmon_service::BadSetting::settings(self).into(),
+            other => other.into(),
+        }
+    }
+}
+
 impl AppState {
-    /// Opens the spool (recovering what a crash left) and builds the shared
-    /// state. Redis need not be up: the producer connects on first use.
-    pub async fn new(config: Config, metrics: Metrics) -> anyhow::Result<Self> {
+    /// Opens the spool (locking its directory, recovering what a crash
+    /// left) and builds the shared state. Redis need not be up: the
+    /// producer connects on first use.
+    pub async fn new(config: Config, metrics: Metrics) -> Result<Self, StartError> {
+        if let Some(problem) = config.problem() {
+            return Err(StartError::Config(problem));
+        }
         let producer = Producer::new(
             config.redis_url.expose_secret(),
             ProducerConfig {
@@ -86,31 +121,29 @@ impl AppState {
                 timeout: config.redis_timeout(),
             },
         )
-        .map_err(|e| anyhow::anyhow!("bad Redis URL: {e}"))?;
-        let spool_config = SpoolConfig {
+        .map_err(StartError::RedisUrl)?;
+        let spool = SpoolConfig {
             dir: config.spool.dir.clone(),
             max_bytes: config.spool.max_bytes,
             segment_bytes: config.spool.segment_bytes,
         };
-        let spool = tokio::task::spawn_blocking(move || Spool::open(spool_config))
-            .await?
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open the spool in {}: {e}",
-                    config.spool.dir.display()
-                )
+        let handoff = Handoff::open(producer, spool, Arc::new(metrics.clone()))
+            .await
+            .map_err(|source| StartError::Spool {
+                dir: config.spool.dir.clone(),
+                source,
             })?;
-        let per_second = std::num::NonZeroU32::new(config.rate_limit.per_second.max(1))
-            .unwrap_or(std::num::NonZeroU32::MIN);
-        let burst = std::num::NonZeroU32::new(config.rate_limit.burst.max(1))
-            .unwrap_or(std::num::NonZeroU32::MIN);
+        // `problem()` has refused zeros.
+        let per_second = NonZeroU32::new(config.rate_limit.per_second)
+            .ok_or(StartError::Config("rate_limit.per_second is 0"))?;
+        let burst = NonZeroU32::new(config.rate_limit.burst)
+            .ok_or(StartError::Config("rate_limit.burst is 0"))?;
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
         Ok(Self {
-            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
             tokens: Arc::new(Tokens::from_config(&config)),
             config: Arc::new(config),
-            producer,
-            spool,
+            handoff,
             metrics,
             limiter: Arc::new(limiter),
         })
@@ -147,29 +180,24 @@ pub fn router(state: AppState) -> Router {
 /// Ready when events can be acknowledged: Redis answers, or the spool has
 /// room.
 async fn ready(State(state): State<AppState>) -> Response {
-    match state.producer.ping().await {
-        Ok(()) => (StatusCode::OK, "ready: redis").into_response(),
-        Err(error) => {
-            let full = state
-                .spool
-                .stats()
-                .full
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if !full {
-                (StatusCode::OK, "ready: spool (redis unreachable)").into_response()
-            } else {
-                tracing::warn!(%error, "not ready: Redis does not answer and the spool is full");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "redis unreachable, spool full",
-                )
-                    .into_response()
-            }
+    match state.handoff.accepting().await {
+        Accepting::Redis => (StatusCode::OK, "ready: redis").into_response(),
+        Accepting::SpoolOnly(_) => {
+            (StatusCode::OK, "ready: spool (redis unreachable)").into_response()
+        }
+        Accepting::No(error) => {
+            tracing::warn!(%error, "not ready: Redis does not answer and the spool is full");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "redis unreachable, spool full",
+            )
+                .into_response()
         }
     }
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.observe_spool(state.handoff.spool());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -192,117 +220,44 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
     response
 }
 
-/// Runs the configured role until `shutdown` resolves: the events API
-/// (then drains in-flight requests and the spool), the persister (then
-/// finishes its batches), or both.
+/// Serves the events API until `shutdown` resolves, then drains in-flight
+/// requests and, for up to `spool.drain_on_shutdown_ms`, the spool.
+///
+/// A spool directory another process holds fails with a
+/// [`cellmon_service::BadSetting`] (the binary exits with status 64).
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new()?;
-    let (stop_persister, stopped) = tokio::sync::watch::channel(false);
-    // A persister that fails stops the whole process (its supervisor
-    // restarts it) rather than leave it serving while persisting nothing.
-    let (failed, persister_failed) = tokio::sync::oneshot::channel::<()>();
-    let persister = config.role.persists().then(|| {
-        let run = persist::run(
-            config.persister.clone(),
-            config.redis_url.expose_secret().to_owned(),
-            StreamKeys::new(config.stream_prefix.clone(), config.stream_shards),
-            metrics.persist.clone(),
-            stopped,
-        );
-        tokio::spawn(async move {
-            let result = run.await;
-            if let Err(error) = &result {
-                tracing::error!(%error, "persister failed; shutting down");
-                let _ = failed.send(());
-            }
-            result
-        })
-    });
-    let shutdown = async move {
-        tokio::select! {
-            () = shutdown => {}
-            Ok(()) = persister_failed => {}
-        }
-    };
-    let grace = Duration::from_millis(config.spool.drain_on_shutdown_ms);
-    let result = if config.role.ingests() {
-        serve_events(config, metrics, listener, shutdown).await
-    } else {
-        serve_health(metrics, listener, shutdown).await
-    };
-    let _ = stop_persister.send(true);
-    if let Some(persister) = persister {
-        match tokio::time::timeout(grace, persister).await {
-            Ok(Ok(Ok(()))) => tracing::info!("persister stopped"),
-            Ok(Ok(Err(error))) => return Err(error.context("persister failed")),
-            Ok(Err(error)) => return Err(anyhow::anyhow!("persister task failed: {error}")),
-            // Whatever it had not acknowledged stays pending in Redis and is
-            // reclaimed by the next persister.
-            Err(_) => tracing::warn!("persister did not stop within the grace period"),
-        }
+    let state = AppState::new(config, metrics)
+        .await
+        .map_err(StartError::into_anyhow)?;
+    let spool = state.handoff.spool();
+    tracing::info!(
+        dir = %spool.dir().display(),
+        pending = spool.pending(),
+        "spool open"
+    );
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let handoff = state.handoff.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move { handoff.run_replayer(stop.cancelled()).await });
     }
-    result
-}
-
-/// The persister role's HTTP side: health and metrics only.
-async fn serve_health(
-    metrics: Metrics,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route("/health/live", get(|| async { "ok" }))
-        .route("/health/ready", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        metrics.render(),
-                    )
-                }
-            }),
-        );
-    tracing::info!(addr = %listener.local_addr()?, "persister listening (health and metrics)");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    Ok(())
-}
-
-/// Serves the events API until `shutdown` resolves, then drains in-flight
-/// requests.
-async fn serve_events(
-    config: Config,
-    metrics: Metrics,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let state = AppState::new(config, metrics).await?;
-    let corrupt = state
-        .spool
-        .stats()
-        .corrupt_regions
-        .load(std::sync::atomic::Ordering::Relaxed);
-    state
-        .metrics
-        .spool_corrupt_regions
-        .set(i64::try_from(corrupt).unwrap_or(i64::MAX));
-    replay::refresh_gauges(&state);
-    let replayer = tokio::spawn(replay::run(state.clone()));
-    let watcher = tokio::spawn(replay::watch_redis(state.clone()));
+    tasks.spawn(redis_watch::run(state.clone(), stop.clone()));
     // Forget idle clients now and then, so the limiter's memory stays bounded.
     let limiter = Arc::clone(&state.limiter);
-    let sweeper = tokio::spawn(async move {
+    let stop_sweeper = stop.clone();
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
-            tick.tick().await;
+            tokio::select! {
+                () = stop_sweeper.cancelled() => return,
+                _ = tick.tick() => {}
+            }
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -314,16 +269,19 @@ async fn serve_events(
     )
     .with_graceful_shutdown(shutdown)
     .await;
-    sweeper.abort();
-    replayer.abort();
-    watcher.abort();
+    // Each ends within a Redis timeout; the replayer never mid-round.
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
     // In-flight requests are done; hand what the spool holds to Redis while
     // the grace period lasts. The rest waits on disk for the next start.
     let grace = Duration::from_millis(state.config.spool.drain_on_shutdown_ms);
-    replay::drain(&state, std::time::Instant::now() + grace).await;
+    state.handoff.drain(std::time::Instant::now() + grace).await;
     tracing::info!(
-        left_in_spool = state.spool.pending(),
+        left_in_spool = state.handoff.spool().pending(),
         "ingest server stopped"
     );
+    // The last handle on the spool: its directory is unlocked once this
+    // returns, so a successor can open it at once.
+    drop(state);
     Ok(result?)
 }

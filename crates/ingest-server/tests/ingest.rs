@@ -614,3 +614,45 @@ async fn open_mode_bearer_tokens_cors_and_metrics() -> anyhow::Result<()> {
     let _: SocketAddr = ingest.url.trim_start_matches("http://").parse()?;
     Ok(())
 }
+
+/// One server per spool directory: while one has it open, the binary
+/// started on the same directory exits with status 64 and names it; once
+/// the first stops, the directory is free again.
+#[tokio::test]
+async fn a_second_server_on_a_locked_spool_exits_64() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let spool_dir = tempfile::tempdir()?;
+    let mut first = Ingest::start_with_spool(&backends, spool_dir.path(), |_| {}).await?;
+    let run_second = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
+            .env("CELLMON_INGEST_LISTEN", "127.0.0.1:0")
+            .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
+            .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
+            .env("CELLMON_INGEST_SPOOL__DIR", spool_dir.path())
+            .env("RUST_LOG", "error")
+            .kill_on_drop(true)
+            .output()
+    };
+    let output = tokio::time::timeout(Duration::from_secs(30), run_second()).await??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&spool_dir.path().display().to_string()) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    // The first one is unaffected.
+    let (status, body) = post(
+        &reqwest::Client::new(),
+        &first.events_url(),
+        &json!([cell_executed("a@example.ac.jp", 1)]),
+    )
+    .await?;
+    assert_eq!(status, 202, "{body}");
+
+    // Stopped, it leaves the directory to the next server.
+    first.shutdown().await?;
+    let second = Ingest::start_with_spool(&backends, spool_dir.path(), |_| {}).await?;
+    let ready = reqwest::get(format!("{}/health/ready", second.url)).await?;
+    assert_eq!(ready.status(), 200);
+    Ok(())
+}

@@ -12,7 +12,8 @@
 //! * [`run`]: logging, arguments (`--config FILE`), the runtime, the
 //!   listener, and SIGINT/SIGTERM as the shutdown signal. A bad
 //!   configuration exits with status 64 and prints
-//!   `<bin>: bad configuration: <key>: <reason>`.
+//!   `<bin>: bad configuration: <key>: <reason>`, and so does a
+//!   [`BadSetting`] that `serve` returns.
 
 pub mod backends;
 mod bearer;
@@ -30,6 +31,49 @@ pub use settings::{ConfigError, Invalid, Settings, check, duration, load, load_c
 
 /// The exit status of a bad configuration or command line (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// A start-up failure that is the configuration's fault although the
+/// configuration loaded: a setting names something this process cannot
+/// have (such as a spool directory another process holds). `serve` returns
+/// it (anywhere in its error's chain) and [`run`] exits with
+/// [`EXIT_BAD_CONFIG`], as for a configuration that does not load.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", match .setting {
+    Some(setting) => format!("the setting `{setting}` cannot be used"),
+    None => "the settings cannot be used".to_owned(),
+})]
+pub struct BadSetting {
+    setting: Option<&'static str>,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl BadSetting {
+    /// `setting` (its name as in the configuration file) cannot be used,
+    /// because of `source`.
+    pub fn new(
+        setting: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            setting: Some(setting),
+            source: source.into(),
+        }
+    }
+
+    /// The settings together cannot be used; `source` says which and why.
+    pub fn settings(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            setting: None,
+            source: source.into(),
+        }
+    }
+
+    /// The setting's name, when one alone is at fault.
+    pub fn setting(&self) -> Option<&'static str> {
+        self.setting
+    }
+}
 
 /// Logs to stderr: JSON when `CELLMON_LOG_FORMAT=json`, the filter from
 /// `RUST_LOG` (default `info`).
@@ -138,6 +182,10 @@ where
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.chain().any(|cause| cause.is::<BadSetting>()) => {
+            eprintln!("{name}: bad configuration: {error:#}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
         Err(error) => {
             eprintln!("{name}: {error:#}");
             ExitCode::FAILURE

@@ -196,6 +196,7 @@ pub struct InfluxWriter {
     http: reqwest::Client,
     write_url: reqwest::Url,
     query_url: reqwest::Url,
+    ping_url: reqwest::Url,
     config: InfluxConfig,
 }
 
@@ -216,12 +217,28 @@ impl InfluxWriter {
             http,
             write_url: join("write")?,
             query_url: join("query")?,
+            ping_url: join("ping")?,
             config,
         })
     }
 
     pub fn database(&self) -> &str {
         &self.config.database
+    }
+
+    /// The longest any one request may take.
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
+    /// Whether InfluxDB answers (`GET /ping`, 204 on every version with
+    /// the v1 API), within the request timeout.
+    pub async fn ping(&self) -> Result<(), InfluxError> {
+        let response = self
+            .authorize(self.http.get(self.ping_url.clone()))
+            .send()
+            .await?;
+        check(response).await
     }
 
     fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

@@ -24,6 +24,8 @@
 //! * [`verify`]: the ledger and its check (lost, duplicates, unexpected per
 //!   sink; Postgres and InfluxDB agreement).
 //! * [`sample`]: made-up data shaped like the real thing.
+//! * [`server`]: a workspace server run in the test's process, and reading
+//!   its metrics.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -46,6 +48,7 @@ pub mod pg;
 pub mod process;
 pub mod proxy;
 pub mod sample;
+pub mod server;
 pub mod stack;
 pub mod supervise;
 pub mod verify;

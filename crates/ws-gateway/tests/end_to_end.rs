@@ -6,15 +6,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cellmon_ingest::config::{ClassToken, Role};
+use cellmon_ingest::config::ClassToken;
 use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::server::TestServer;
 use common::Gateway;
 use serde_json::{Value, json};
 
+/// The ingest server and the persister, in this process.
 struct Ingest {
     url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+    server: TestServer,
+    persister: TestServer,
     _spool: tempfile::TempDir,
 }
 
@@ -25,7 +27,6 @@ async fn ingest(
 ) -> anyhow::Result<Ingest> {
     let spool = tempfile::tempdir()?;
     let mut config = cellmon_ingest::Config {
-        role: Role::All,
         redis_url: backends.redis_url().into(),
         stream_prefix: backends.redis_prefix().to_owned(),
         classes: vec![ClassToken {
@@ -36,21 +37,27 @@ async fn ingest(
     };
     config.spool.dir = spool.path().to_owned();
     config.redis_timeout_ms = 10_000;
-    let p = &mut config.persister;
-    p.postgres_url = backends.pg_url().into();
-    p.influx_url = backends.influx_url();
-    p.influx_database = backends.influx_database().to_owned();
-    p.batch_wait_ms = 5;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let done = tokio::spawn(cellmon_ingest::serve(config, listener, async {
-        let _ = stopped.await;
-    }));
+    let server = TestServer::start("ingest server", |listener, shutdown| {
+        cellmon_ingest::serve(config, listener, shutdown)
+    })
+    .await?;
+    let persister_config = cellmon_persister::Config {
+        redis_url: backends.redis_url().into(),
+        stream_prefix: backends.redis_prefix().to_owned(),
+        postgres_url: backends.pg_url().into(),
+        influx_url: backends.influx_url(),
+        influx_database: backends.influx_database().to_owned(),
+        batch_wait_ms: 5,
+        ..cellmon_persister::Config::default()
+    };
+    let persister = TestServer::start("persister", |listener, shutdown| {
+        cellmon_persister::serve(persister_config, listener, shutdown)
+    })
+    .await?;
     Ok(Ingest {
-        url,
-        stop: Some(stop),
-        done,
+        url: server.url.clone(),
+        server,
+        persister,
         _spool: spool,
     })
 }
@@ -71,10 +78,8 @@ impl Ingest {
     }
 
     async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.done.await?
+        self.server.shutdown().await?;
+        self.persister.shutdown().await
     }
 }
 

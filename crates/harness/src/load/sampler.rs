@@ -3,7 +3,7 @@
 //! connections open to each backend.
 //!
 //! Processes are found by pid (the server, e.g. `harness up`'s own) and by
-//! name (`ingest-server`, `ws-gateway`, `postgres`, `redis-server`,
+//! name (`ingest-server`, `persister`, `ws-gateway`, `postgres`, `redis-server`,
 //! `influxd`; the backends' containers run on this machine's kernel, so
 //! their processes are visible here). Connections are the established TCP
 //! connections whose remote port is a backend's port, from
@@ -42,7 +42,7 @@ pub struct Sample {
 /// The group a process belongs to, by its name.
 fn group_of(comm: &str) -> Option<&'static str> {
     match comm {
-        "ingest-server" | "ws-gateway" => Some("server"),
+        "ingest-server" | "persister" | "ws-gateway" => Some("server"),
         "postgres" => Some("postgres"),
         "redis-server" => Some("redis"),
         "influxd" => Some("influxdb"),

@@ -9,19 +9,18 @@ use cellmon_domain::lms::ClassId;
 use cellmon_ingest::config::ClassToken;
 use cellmon_ingest::{Config, serve};
 use cellmon_testkit::fixture::TestBackends;
+use cellmon_testkit::server::TestServer;
 use redis::AsyncCommands as _;
 use redis::streams::StreamRangeReply;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
-/// A server running in this test's process, stopped on drop.
+/// A server running in this test's process.
 pub(crate) struct Ingest {
     pub(crate) url: String,
     pub(crate) class_id: ClassId,
     pub(crate) token: String,
     pub(crate) keys: StreamKeys,
-    stop: Option<oneshot::Sender<()>>,
-    done: Option<tokio::task::JoinHandle<()>>,
+    server: TestServer,
     _spool: Option<tempfile::TempDir>,
 }
 
@@ -59,56 +58,27 @@ impl Ingest {
         config.redis_timeout_ms = 10_000;
         tune(&mut config);
         let keys = StreamKeys::new(config.stream_prefix.clone(), config.stream_shards);
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let done = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(error) = serve(config, listener, shutdown).await {
-                eprintln!("ingest server failed: {error:#}");
-            }
-        });
-        let ingest = Self {
-            url: format!("http://{addr}"),
+        let server = TestServer::start("ingest server", |listener, shutdown| {
+            serve(config, listener, shutdown)
+        })
+        .await?;
+        Ok(Self {
+            url: server.url.clone(),
             class_id,
             token,
             keys,
-            stop: Some(stop),
-            done: Some(done),
+            server,
             _spool: None,
-        };
-        let http = reqwest::Client::new();
-        cellmon_testkit::eventually(Duration::from_secs(10), || async {
-            let status = http
-                .get(format!("{}/health/live", ingest.url))
-                .send()
-                .await?
-                .status();
-            anyhow::ensure!(status.is_success(), "live: {status}");
-            Ok(())
         })
-        .await?;
-        Ok(ingest)
     }
 
     /// Graceful shutdown, waiting for it to finish.
     pub(crate) async fn shutdown(&mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(done) = self.done.take() {
-            done.await?;
-        }
-        Ok(())
+        self.server.shutdown().await
     }
 
     pub(crate) async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(reqwest::get(format!("{}/metrics", self.url))
-            .await?
-            .text()
-            .await?)
+        self.server.metrics().await
     }
 
     pub(crate) fn events_url(&self) -> String {
@@ -222,13 +192,7 @@ pub(crate) async fn assert_stored_exactly(
     Ok(())
 }
 
-/// The value of a metric line `name value` (no labels), exactly.
-pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (key, value) = line.split_once(' ')?;
-        (key == name).then(|| value.trim().parse().ok()).flatten()
-    })
-}
+pub(crate) use cellmon_testkit::server::metric;
 
 /// Every event in the streams named by `keys`, decoded, with repeats.
 pub(crate) async fn stream_events(
@@ -245,220 +209,4 @@ pub(crate) async fn stream_events(
         }
     }
     Ok(events)
-}
-
-/// Settings that make `Ingest` also run the persister against this test's
-/// Postgres database and InfluxDB database, with short timings so faults
-/// resolve quickly.
-pub(crate) fn persisting(backends: &TestBackends) -> impl FnOnce(&mut Config) + use<> {
-    let pg = backends.pg_url();
-    let influx = backends.influx_url();
-    let influx_db = backends.influx_database().to_owned();
-    move |config: &mut Config| {
-        config.role = cellmon_ingest::config::Role::All;
-        // These tests post from one address far faster than a student.
-        config.rate_limit.per_second = 1_000_000;
-        config.rate_limit.burst = 1_000_000;
-        let p = &mut config.persister;
-        p.postgres_url = pg.into();
-        p.influx_url = influx;
-        p.influx_database = influx_db;
-        p.postgres_timeout_ms = 3_000;
-        p.influx_timeout_ms = 3_000;
-        p.batch_wait_ms = 20;
-        p.claim_idle_ms = 1_000;
-        p.claim_interval_ms = 250;
-        p.retry_initial_ms = 20;
-        p.retry_max_ms = 500;
-        p.trim_interval_ms = 200;
-    }
-}
-
-/// A mix of what a class sends: runs (some failing), notebook opens, help.
-pub(crate) fn classroom_event(student: usize, n: usize) -> Value {
-    let email = format!("student{student:03}@example.ac.jp");
-    let time = format!(
-        "2026-04-01T10:{:02}:{:02}.{:03}Z",
-        (n / 60) % 60,
-        n % 60,
-        student % 1000
-    );
-    let mut event = match n % 10 {
-        0 => json!({"eventType": "notebook_opened"}),
-        1 => json!({"eventType": "help"}),
-        2 => json!({"eventType": "help_stop"}),
-        _ => json!({
-            "eventType": "cell_executed",
-            "cellId": format!("cell-{}", n % 4),
-            "code": "print(x)",
-            "hasError": n.is_multiple_of(3),
-            "errorMessage": "NameError: name 'x' is not defined",
-            "executionCount": n,
-            "executionDurationMs": 1.5
-        }),
-    };
-    event["eventId"] = json!(uuid());
-    event["eventTime"] = json!(time);
-    event["emailAddress"] = json!(email);
-    event["userName"] = json!(format!("学生 {student}"));
-    event["teamName"] = json!(format!("チーム{}", student % 10));
-    event["notebookPath"] = json!("lesson1/intro.ipynb");
-    event
-}
-
-/// Posts `events` in requests of `per_request`, `concurrency` at a time,
-/// and records every outcome in a ledger.
-pub(crate) async fn send_all(
-    url: &str,
-    events: &[Value],
-    per_request: usize,
-    concurrency: usize,
-    ledger: &mut cellmon_testkit::verify::Ledger,
-) -> anyhow::Result<()> {
-    use cellmon_testkit::verify::Outcome;
-    use futures_util::StreamExt as _;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let results: Vec<(Vec<uuid::Uuid>, Outcome)> =
-        futures_util::stream::iter(events.chunks(per_request.max(1)))
-            .map(|chunk| {
-                let http = http.clone();
-                let ids = event_ids(chunk);
-                let body = Value::Array(chunk.to_vec());
-                async move {
-                    let outcome = match http.post(url).json(&body).send().await {
-                        Ok(r) if r.status().is_success() => Outcome::Ok,
-                        Ok(_) => Outcome::Fail,
-                        Err(_) => Outcome::Unknown,
-                    };
-                    (ids, outcome)
-                }
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-    for (ids, outcome) in results {
-        for id in ids {
-            ledger.record(id, outcome);
-        }
-    }
-    Ok(())
-}
-
-/// Waits until both sinks hold every acknowledged event of the class and
-/// the ledger check passes, then until both consumer groups acknowledged
-/// everything in the streams (late copies could still add duplicates), and
-/// checks once more; returns that verdict (the last one on timeout).
-pub(crate) async fn verified(
-    backends: &TestBackends,
-    class: ClassId,
-    ledger: &cellmon_testkit::verify::Ledger,
-    timeout: Duration,
-) -> anyhow::Result<cellmon_testkit::verify::Verdict> {
-    let deadline = std::time::Instant::now() + timeout;
-    let first = verified_once(backends, class, ledger, timeout).await?;
-    if !first.passes() {
-        return Ok(first);
-    }
-    let keys = StreamKeys::new(backends.redis_prefix(), 4);
-    let redis = redis::Client::open(backends.redis_url())?;
-    let mut conn = redis::aio::ConnectionManager::new(redis).await?;
-    loop {
-        let left: u64 = cellmon_bus::consumer::backlogs(&mut conn, &keys)
-            .await?
-            .values()
-            .sum();
-        if left == 0 || std::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let remaining = deadline.saturating_duration_since(std::time::Instant::now());
-    verified_once(
-        backends,
-        class,
-        ledger,
-        remaining.max(Duration::from_secs(1)),
-    )
-    .await
-}
-
-async fn verified_once(
-    backends: &TestBackends,
-    class: ClassId,
-    ledger: &cellmon_testkit::verify::Ledger,
-    timeout: Duration,
-) -> anyhow::Result<cellmon_testkit::verify::Verdict> {
-    let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
-    let influx = cellmon_testkit::influx::InfluxClient::new(&backends.influx_url())?;
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let verdict = cellmon_testkit::verify::verify(
-            ledger,
-            &pool,
-            &influx,
-            backends.influx_database(),
-            Some(class.0),
-        )
-        .await;
-        match verdict {
-            Ok(v) if v.passes() => return Ok(v),
-            Ok(v) if std::time::Instant::now() >= deadline => return Ok(v),
-            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
-/// The event ids of wire events.
-pub(crate) fn event_ids(events: &[Value]) -> Vec<uuid::Uuid> {
-    events
-        .iter()
-        .filter_map(|e| e["eventId"].as_str()?.parse().ok())
-        .collect()
-}
-
-/// How many of `ids` Postgres holds.
-pub(crate) async fn count_in_postgres(
-    pool: &sqlx::PgPool,
-    ids: &[uuid::Uuid],
-) -> anyhow::Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = ANY($1)")
-            .bind(ids)
-            .fetch_one(pool)
-            .await?,
-    )
-}
-
-/// Sends `rounds` rounds of `per_round` events from `students` students,
-/// half a second apart, and returns the longest time Postgres took to hold
-/// a round once it was acknowledged.
-pub(crate) async fn postgres_lag_under_load(
-    url: &str,
-    pool: &sqlx::PgPool,
-    rounds: usize,
-    per_round: usize,
-    students: usize,
-    ledger: &mut cellmon_testkit::verify::Ledger,
-) -> anyhow::Result<Duration> {
-    let mut worst_lag = Duration::ZERO;
-    for round in 0..rounds {
-        let batch: Vec<Value> = (round * per_round..(round + 1) * per_round)
-            .map(|i| classroom_event(i % students, i))
-            .collect();
-        let ids = event_ids(&batch);
-        send_all(url, &batch, 5, 4, ledger).await?;
-        let sent = std::time::Instant::now();
-        cellmon_testkit::eventually(Duration::from_secs(10), || async {
-            let n = count_in_postgres(pool, &ids).await?;
-            anyhow::ensure!(n == ids.len() as i64, "{n} of {} in Postgres", ids.len());
-            Ok(())
-        })
-        .await?;
-        worst_lag = worst_lag.max(sent.elapsed());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Ok(worst_lag)
 }

@@ -10,7 +10,7 @@ use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::proxy::Fault;
 use cellmon_testkit::verify::Ledger;
 use common::{
-    Ingest, classroom_event, count_in_postgres, event_ids, metric, persisting,
+    Ingest, Persister, classroom_event, count_in_postgres, event_ids, metric,
     postgres_lag_under_load, send_all, verified,
 };
 use serde_json::{Value, json};
@@ -25,7 +25,8 @@ fn assert_pass(verdict: &cellmon_testkit::verify::Verdict) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_events_from_100_students_agree() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let _persister = Persister::start(&backends, |_| {}).await?;
     let events: Vec<Value> = (0..10_000)
         .map(|n| classroom_event(n % 100, n / 100))
         .collect();
@@ -71,11 +72,8 @@ async fn ten_thousand_events_from_100_students_agree() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dup_storm() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, |config| {
-        persisting(&backends)(config);
-        config.redis_timeout_ms = 300;
-    })
-    .await?;
+    let ingest = Ingest::start(&backends, |config| config.redis_timeout_ms = 300).await?;
+    let persister = Persister::start(&backends, |_| {}).await?;
     let events: Vec<Value> = (0..600).map(|n| classroom_event(n % 30, n)).collect();
     let mut ledger = Ledger::new();
     // 1: one per request.
@@ -115,6 +113,8 @@ async fn dup_storm() -> anyhow::Result<()> {
     let count = |name: &str| metric(&text, name).unwrap_or(0.0);
     assert_eq!(count("cellmon_events_accepted_total"), 1_800.0, "{text}");
     assert_eq!(count("cellmon_events_duplicate_total"), 600.0, "{text}");
+    let text = persister.metrics().await?;
+    let count = |name: &str| metric(&text, name).unwrap_or(0.0);
     let stored = count(r#"cellmon_persist_events_total{outcome="stored",sink="pg"}"#);
     let repeated = count(r#"cellmon_persist_events_total{outcome="duplicate",sink="pg"}"#);
     assert!(stored <= 600.0 && stored + repeated >= 1_800.0, "{text}");
@@ -126,7 +126,8 @@ async fn dup_storm() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn influx_poison() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let persister = Persister::start(&backends, |_| {}).await?;
     // `duration_ms` is a string in the shard of 2001: the float the
     // persister writes there conflicts. Other times are unaffected.
     let influx = cellmon_testkit::influx::InfluxClient::new(&backends.influx_url())?;
@@ -168,7 +169,7 @@ async fn influx_poison() -> anyhow::Result<()> {
     eprintln!("{}", verdict.summary());
     assert!(verdict.executions.duplicates.is_empty() && verdict.executions.extra.is_empty());
 
-    let text = ingest.metrics().await?;
+    let text = persister.metrics().await?;
     assert_eq!(
         metric(
             &text,
@@ -208,7 +209,8 @@ async fn influx_poison() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_ambiguous() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let persister = Persister::start(&backends, |_| {}).await?;
     let events: Vec<Value> = (0..2_000).map(|n| classroom_event(n % 40, n)).collect();
     let mut ledger = Ledger::new();
     let url = ingest.events_url();
@@ -228,7 +230,7 @@ async fn pg_ambiguous() -> anyhow::Result<()> {
     sent?;
     let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(60)).await?;
     assert_pass(&verdict);
-    let text = ingest.metrics().await?;
+    let text = persister.metrics().await?;
     let retries = metric(&text, r#"cellmon_persist_retries_total{sink="pg"}"#).unwrap_or(0.0);
     eprintln!("pg retries after resets: {retries}");
     assert!(retries > 0.0, "the resets were felt: {text}");
@@ -240,7 +242,8 @@ async fn pg_ambiguous() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_slow() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let persister = Persister::start(&backends, |_| {}).await?;
     let proxy = backends.stack.postgres.proxy();
     proxy.set_fault(Fault::Latency(Duration::from_millis(500)));
     let url = ingest.events_url();
@@ -266,7 +269,7 @@ async fn pg_slow() -> anyhow::Result<()> {
     let verdict = verified(&backends, ingest.class_id, &ledger, Duration::from_secs(60)).await?;
     assert_pass(&verdict);
     cellmon_testkit::eventually(Duration::from_secs(20), || async {
-        let text = ingest.metrics().await?;
+        let text = persister.metrics().await?;
         let backlog = metric(&text, r#"cellmon_persist_backlog_entries{sink="pg"}"#);
         anyhow::ensure!(backlog == Some(0.0), "pg backlog {backlog:?}");
         Ok(())
@@ -280,7 +283,8 @@ async fn pg_slow() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn influx_down() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let persister = Persister::start(&backends, |_| {}).await?;
     let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
     backends.stack.influx.proxy().set_fault(Fault::Down);
     let url = ingest.events_url();
@@ -291,7 +295,7 @@ async fn influx_down() -> anyhow::Result<()> {
         worst_lag < Duration::from_secs(1),
         "Postgres lag {worst_lag:?}"
     );
-    let text = ingest.metrics().await?;
+    let text = persister.metrics().await?;
     let retries = metric(&text, r#"cellmon_persist_retries_total{sink="influx"}"#).unwrap_or(0.0);
     assert!(retries > 0.0, "InfluxDB was unreachable: {text}");
     backends.stack.influx.proxy().clear();
@@ -313,24 +317,21 @@ impl PersisterProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
-            .env("CELLMON_INGEST_ROLE", "persister")
-            .env("CELLMON_INGEST_LISTEN", format!("127.0.0.1:{port}"))
-            .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
-            .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
-            .env("CELLMON_INGEST_PERSISTER__POSTGRES_URL", backends.pg_url())
-            .env("CELLMON_INGEST_PERSISTER__POSTGRES_TIMEOUT_MS", "30000")
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
+            .env("CELLMON_PERSISTER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CELLMON_PERSISTER_REDIS_URL", backends.redis_url())
+            .env("CELLMON_PERSISTER_STREAM_PREFIX", backends.redis_prefix())
+            .env("CELLMON_PERSISTER_REDIS_TIMEOUT_MS", "3000")
+            .env("CELLMON_PERSISTER_POSTGRES_URL", backends.pg_url())
+            .env("CELLMON_PERSISTER_POSTGRES_TIMEOUT_MS", "30000")
+            .env("CELLMON_PERSISTER_INFLUX_URL", backends.influx_url())
             .env(
-                "CELLMON_INGEST_PERSISTER__INFLUX_URL",
-                backends.influx_url(),
-            )
-            .env(
-                "CELLMON_INGEST_PERSISTER__INFLUX_DATABASE",
+                "CELLMON_PERSISTER_INFLUX_DATABASE",
                 backends.influx_database(),
             )
-            .env("CELLMON_INGEST_PERSISTER__BATCH_WAIT_MS", "20")
-            .env("CELLMON_INGEST_PERSISTER__CLAIM_IDLE_MS", "1000")
-            .env("CELLMON_INGEST_PERSISTER__CLAIM_INTERVAL_MS", "250")
+            .env("CELLMON_PERSISTER_BATCH_WAIT_MS", "20")
+            .env("CELLMON_PERSISTER_CLAIM_IDLE_MS", "1000")
+            .env("CELLMON_PERSISTER_CLAIM_INTERVAL_MS", "250")
             .env(
                 "RUST_LOG",
                 std::env::var("PERSISTER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -505,39 +506,13 @@ async fn persister_kill() -> anyhow::Result<()> {
 async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<()> {
     let ordered_backends = TestBackends::shared().await?;
     let shuffled_backends = TestBackends::shared().await?;
-    let ordered = Ingest::start(&ordered_backends, persisting(&ordered_backends)).await?;
-    let shuffled = Ingest::start(&shuffled_backends, |config| {
-        persisting(&shuffled_backends)(config);
-        config.persister.batch_max = 4;
-    })
-    .await?;
+    let ordered = Ingest::start(&ordered_backends, |_| {}).await?;
+    let _ordered_persister = Persister::start(&ordered_backends, |_| {}).await?;
+    let shuffled = Ingest::start(&shuffled_backends, |_| {}).await?;
+    let _shuffled_persister = Persister::start(&shuffled_backends, |c| c.batch_max = 4).await?;
     // The shuffled deployment has a second persister: two consumers per
     // group, committing the same students' events in parallel.
-    let (stop_second, second_stopped) = tokio::sync::watch::channel(false);
-    let second_metrics = cellmon_ingest::metrics::Metrics::new()?;
-    let second = {
-        let mut config = cellmon_ingest::Config::default();
-        persisting(&shuffled_backends)(&mut config);
-        config.persister.batch_max = 4;
-        tokio::spawn(cellmon_ingest::persist::run(
-            config.persister,
-            shuffled_backends.redis_url(),
-            shuffled.keys.clone(),
-            second_metrics.persist.clone(),
-            second_stopped,
-        ))
-    };
-
-    cellmon_testkit::eventually(Duration::from_secs(20), || async {
-        let running = second_metrics
-            .persist
-            .running
-            .with_label_values(&["pg"])
-            .get();
-        anyhow::ensure!(running == 1, "the second persister is not consuming yet");
-        Ok(())
-    })
-    .await?;
+    let second = Persister::start(&shuffled_backends, |c| c.batch_max = 4).await?;
 
     let start = time::OffsetDateTime::now_utc() - time::Duration::minutes(4);
     let at = |secs: i64| {
@@ -668,13 +643,15 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
         );
     }
     assert_eq!(significant, 10);
-    let _ = stop_second.send(true);
-    second.await??;
-    let events = &second_metrics.persist.events;
-    let by_second = events.with_label_values(&["pg", "stored"]).get()
-        + events.with_label_values(&["pg", "duplicate"]).get();
+    let by_second = second
+        .metric(r#"cellmon_persist_events_total{outcome="stored",sink="pg"}"#)
+        .await?
+        + second
+            .metric(r#"cellmon_persist_events_total{outcome="duplicate",sink="pg"}"#)
+            .await?;
+    second.shutdown().await?;
     eprintln!("the second persister wrote {by_second} of the Postgres entries");
-    assert!(by_second > 0, "both persisters took part");
+    assert!(by_second > 0.0, "both persisters took part");
     Ok(())
 }
 
@@ -684,12 +661,11 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
 #[tokio::test]
 async fn a_persister_that_cannot_run_stops_the_process() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
-        .env("CELLMON_INGEST_ROLE", "persister")
-        .env("CELLMON_INGEST_LISTEN", "127.0.0.1:0")
-        .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
-        .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
-        .env("CELLMON_INGEST_PERSISTER__POSTGRES_URL", "not a url")
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
+        .env("CELLMON_PERSISTER_LISTEN", "127.0.0.1:0")
+        .env("CELLMON_PERSISTER_REDIS_URL", backends.redis_url())
+        .env("CELLMON_PERSISTER_STREAM_PREFIX", backends.redis_prefix())
+        .env("CELLMON_PERSISTER_POSTGRES_URL", "not a url")
         .env("RUST_LOG", "error")
         .kill_on_drop(true)
         .output();
@@ -706,7 +682,8 @@ async fn a_persister_that_cannot_run_stops_the_process() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_without_event_time_are_one_event() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let _persister = Persister::start(&backends, |_| {}).await?;
     let mut event = classroom_event(1, 4);
     event.as_object_mut().map(|o| o.remove("eventTime"));
     let mut ledger = Ledger::new();
@@ -728,12 +705,8 @@ async fn retries_without_event_time_are_one_event() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_student_who_stops_goes_idle_on_the_live_channel() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let tune = persisting(&backends);
-    let ingest = Ingest::start(&backends, move |config| {
-        tune(config);
-        config.persister.status_sweep_ms = 300;
-    })
-    .await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let persister = Persister::start(&backends, |c| c.status_sweep_ms = 300).await?;
     let now =
         time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
     let event = serde_json::json!({
@@ -784,7 +757,87 @@ async fn a_student_who_stops_goes_idle_on_the_live_channel() -> anyhow::Result<(
         ),
         "{messages:?}"
     );
-    let text = ingest.metrics().await?;
+    let text = persister.metrics().await?;
     assert!(metric(&text, "cellmon_status_swept_total").unwrap_or(0.0) >= 1.0);
+    Ok(())
+}
+
+/// Readiness tells whether the persister persists: 503 naming the sink and
+/// its error while Postgres cannot be reached (down, then hung: the answer
+/// still comes, bounded by the Postgres timeout), the other checks fine,
+/// and 200 once Postgres is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_503_naming_the_sink_while_postgres_is_down() -> anyhow::Result<()> {
+    let backends = TestBackends::shared().await?;
+    let persister = Persister::start(&backends, |_| {}).await?;
+    let url = format!("{}/health/ready", persister.url());
+    // Far longer than any check may take: a hung check fails the test.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let ready = |http: reqwest::Client, url: String| async move {
+        let response = http.get(&url).send().await?;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await?;
+        anyhow::Ok((status, body))
+    };
+    let (status, body) = ready(http.clone(), url.clone()).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ready"], true, "{body}");
+
+    let proxy = backends.stack.postgres.proxy();
+    for fault in [Fault::Down, Fault::Hang] {
+        proxy.set_fault(fault);
+        let body = cellmon_testkit::eventually(Duration::from_secs(20), || async {
+            let (status, body) = ready(http.clone(), url.clone()).await?;
+            anyhow::ensure!(status == 503, "{status}: {body}");
+            Ok(body)
+        })
+        .await?;
+        let checks = body["checks"].as_array().cloned().unwrap_or_default();
+        let check = |name: &str| {
+            checks
+                .iter()
+                .find(|c| c["name"] == name)
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(body["ready"], false, "{body}");
+        assert_eq!(check("pg")["ok"], false, "{fault:?}: {body}");
+        let reason = check("pg")["error"].as_str().unwrap_or_default().to_owned();
+        assert!(!reason.is_empty(), "{fault:?}: no reason in {body}");
+        assert_eq!(check("redis")["ok"], true, "{fault:?}: {body}");
+        assert_eq!(check("influx")["ok"], true, "{fault:?}: {body}");
+        eprintln!("{fault:?}: pg: {reason}");
+    }
+
+    proxy.clear();
+    cellmon_testkit::eventually(Duration::from_secs(30), || async {
+        let (status, body) = ready(http.clone(), url.clone()).await?;
+        anyhow::ensure!(status == 200, "{status}: {body}");
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// A setting that cannot work is refused at load: the binary exits with
+/// status 64 and names it.
+#[tokio::test]
+async fn a_persister_with_an_unusable_setting_exits_64() -> anyhow::Result<()> {
+    for (key, value, named) in [
+        ("CELLMON_PERSISTER_BATCH_MAX", "0", "batch_max"),
+        ("CELLMON_PERSISTER_MAX_DELIVERIES", "0", "max_deliveries"),
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
+            .env("CELLMON_PERSISTER_LISTEN", "127.0.0.1:0")
+            .env(key, value)
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(30), output).await??;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{key}: {stderr}");
+        assert!(stderr.contains(named), "{key}: {stderr}");
+    }
     Ok(())
 }

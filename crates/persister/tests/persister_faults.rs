@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::verify::Ledger;
-use common::{
-    Ingest, classroom_event, metric, persisting, postgres_lag_under_load, send_all, verified,
-};
+use common::{Ingest, Persister, classroom_event, postgres_lag_under_load, send_all, verified};
 use serde_json::Value;
 
 /// Sends `per_tick` events every 100 ms until `until`, recording outcomes.
@@ -38,7 +36,8 @@ async fn steady_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_kill() -> anyhow::Result<()> {
     let backends = TestBackends::private().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let persister = Persister::start(&backends, |_| {}).await?;
     let url = ingest.events_url();
     let mut ledger = Ledger::new();
 
@@ -53,8 +52,9 @@ async fn pg_kill() -> anyhow::Result<()> {
     let killed = Instant::now();
     steady_load(&url, killed + Duration::from_secs(4), 10, &mut ledger).await?;
     // While Postgres is gone its group's backlog grows; InfluxDB keeps up.
-    let text = ingest.metrics().await?;
-    let backlog = metric(&text, r#"cellmon_persist_backlog_entries{sink="pg"}"#).unwrap_or(0.0);
+    let backlog = persister
+        .metric(r#"cellmon_persist_backlog_entries{sink="pg"}"#)
+        .await?;
     assert!(backlog > 0.0, "pg backlog during the outage: {backlog}");
     backends.stack.postgres.start_again().await?;
     let back = Instant::now();
@@ -75,8 +75,12 @@ async fn pg_kill() -> anyhow::Result<()> {
         recovered <= Duration::from_secs(10),
         "recovery took {recovered:?}"
     );
-    let text = ingest.metrics().await?;
-    assert!(metric(&text, r#"cellmon_persist_retries_total{sink="pg"}"#).unwrap_or(0.0) > 0.0);
+    assert!(
+        persister
+            .metric(r#"cellmon_persist_retries_total{sink="pg"}"#)
+            .await?
+            > 0.0
+    );
     Ok(())
 }
 
@@ -86,7 +90,8 @@ async fn pg_kill() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_amnesia_recreates_the_groups() -> anyhow::Result<()> {
     let mut backends = TestBackends::private().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let persister = Persister::start(&backends, |_| {}).await?;
     let url = ingest.events_url();
     let mut ledger = Ledger::new();
     let before: Vec<Value> = (0..50).map(|i| classroom_event(i % 5, i)).collect();
@@ -112,17 +117,12 @@ async fn redis_amnesia_recreates_the_groups() -> anyhow::Result<()> {
             .await?;
         assert_eq!(groups.len(), 2, "{key}: both groups recreated");
     }
-    // No crash loop: both sinks still consume, and the server is ready.
-    let text = ingest.metrics().await?;
-    for sink in ["pg", "influx"] {
-        let running = metric(
-            &text,
-            &format!("cellmon_persist_sink_running{{sink=\"{sink}\"}}"),
-        );
-        assert_eq!(running, Some(1.0), "{sink}: {text}");
+    // No crash loop: both sinks still consume, and both servers are ready.
+    persister.consuming(Duration::from_secs(1)).await?;
+    for url in [&ingest.url, &persister.url().to_owned()] {
+        let ready = reqwest::get(format!("{url}/health/ready")).await?;
+        assert_eq!(ready.status(), 200, "{url}");
     }
-    let ready = reqwest::get(format!("{}/health/ready", ingest.url)).await?;
-    assert_eq!(ready.status(), 200);
     Ok(())
 }
 
@@ -132,7 +132,8 @@ async fn redis_amnesia_recreates_the_groups() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn influx_killed() -> anyhow::Result<()> {
     let backends = TestBackends::private().await?;
-    let ingest = Ingest::start(&backends, persisting(&backends)).await?;
+    let ingest = Ingest::start(&backends, |_| {}).await?;
+    let _persister = Persister::start(&backends, |_| {}).await?;
     let pool = sqlx::PgPool::connect(&backends.pg_url()).await?;
     let url = ingest.events_url();
     let mut ledger = Ledger::new();

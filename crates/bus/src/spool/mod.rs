@@ -23,6 +23,13 @@
 //! Concurrency: one committer thread owns the file being written. Callers
 //! hand it batches; it writes every batch waiting at that moment and makes
 //! them durable with one `fdatasync` (group commit), then answers each.
+//! One process per directory: [`Spool::open`] locks it ([`lock`]).
+//!
+//! * [`record`]: what a record holds (an event, as JSON).
+//! * [`lock`]: the directory's lock.
+
+pub mod lock;
+pub mod record;
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -32,6 +39,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use tokio::sync::oneshot;
+
+use self::lock::DirLock;
 
 const HEADER: usize = 8;
 const SEQ: usize = 8;
@@ -55,6 +64,14 @@ pub struct SpoolConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    /// Another process (or another open spool in this one) has the
+    /// directory.
+    #[error(
+        "the spool directory {} is in use by another process{}; one server per spool directory",
+        .dir.display(),
+        .holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    Locked { dir: PathBuf, holder: Option<u32> },
     #[error("the spool is full ({max_bytes} bytes)")]
     Full { max_bytes: u64 },
     #[error("spool I/O failed: {0}")]
@@ -104,13 +121,35 @@ struct Commit {
     reply: oneshot::Sender<Result<(u64, u64), SpoolError>>,
 }
 
-/// A handle to the spool; clones share it.
+/// A handle to the spool; clones share it. The directory stays locked
+/// until the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct Spool {
     config: Arc<SpoolConfig>,
     state: Arc<Mutex<State>>,
     stats: Arc<SpoolStats>,
-    commits: mpsc::SyncSender<Commit>,
+    writer: Arc<Writer>,
+}
+
+/// The way to the committer thread, and the directory's lock.
+#[derive(Debug)]
+struct Writer {
+    commits: Option<mpsc::SyncSender<Commit>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+    // Declared last: released only after the committer has stopped.
+    _lock: DirLock,
+}
+
+impl Drop for Writer {
+    /// Stops the committer and waits for it (at most the batch in hand,
+    /// one fsync), so the lock is released only once nothing writes any
+    /// more: a process that opens the directory next sees every record.
+    fn drop(&mut self) {
+        drop(self.commits.take());
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Commit {
@@ -130,6 +169,8 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl Spool {
     /// Opens (or creates) the spool, recovering whatever a crash left, and
     /// starts a fresh segment so nothing is ever appended after damage.
+    /// Fails with [`SpoolError::Locked`] while another process has the
+    /// directory open. Blocking: call it from a blocking thread.
     pub fn open(mut config: SpoolConfig) -> Result<Self, SpoolError> {
         // Several segments must fit in the limit, or acknowledged records
         // could never be deleted to make room.
@@ -137,6 +178,8 @@ impl Spool {
             .segment_bytes
             .clamp(4096, (config.max_bytes / 4).max(4096));
         fs::create_dir_all(&config.dir)?;
+        // Before reading anything: another process may be writing.
+        let lock = DirLock::acquire(&config.dir)?;
         let acked = read_cursor(&config.dir)?;
         let stats = Arc::new(SpoolStats::default());
         let mut segments = VecDeque::new();
@@ -190,15 +233,24 @@ impl Spool {
             file: active.0,
             next_seq,
         };
-        std::thread::Builder::new()
+        let committer = std::thread::Builder::new()
             .name("spool-committer".into())
             .spawn(move || committer.run(queue))?;
         Ok(Self {
             config,
             state,
             stats,
-            commits,
+            writer: Arc::new(Writer {
+                commits: Some(commits),
+                committer: Some(committer),
+                _lock: lock,
+            }),
         })
+    }
+
+    /// The directory it lives in.
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
     }
 
     pub fn stats(&self) -> &SpoolStats {
@@ -209,12 +261,19 @@ impl Spool {
         self.stats.pending.load(Ordering::Relaxed)
     }
 
+    /// Whether the last append was refused for lack of room (and nothing
+    /// was acknowledged since).
+    pub fn is_full(&self) -> bool {
+        self.stats.full.load(Ordering::Relaxed)
+    }
+
     /// Appends records durably; returns their sequence numbers (first, last)
     /// once they are fsync'd.
     pub async fn append(&self, records: Vec<Vec<u8>>) -> Result<(u64, u64), SpoolError> {
         let (reply, answer) = oneshot::channel();
+        let commits = self.writer.commits.as_ref().ok_or(SpoolError::Stopped)?;
         // A full queue means the disk is far behind: refuse rather than wait.
-        self.commits
+        commits
             .try_send(Commit { records, reply })
             .map_err(|e| match e {
                 mpsc::TrySendError::Full(_) => SpoolError::Busy,
@@ -698,6 +757,38 @@ mod tests {
             spool.read_pending(1000, usize::MAX).unwrap().len() as u64,
             accepted
         );
+    }
+
+    #[tokio::test]
+    async fn a_directory_is_open_once_until_its_spool_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(config(dir.path())).unwrap();
+        fill(&spool, 3).await;
+        let clone = spool.clone();
+        match Spool::open(config(dir.path())) {
+            Err(SpoolError::Locked {
+                dir: locked,
+                holder,
+            }) => {
+                assert_eq!(locked, dir.path());
+                assert_eq!(holder, Some(std::process::id()));
+            }
+            other => panic!("a second open must be refused: {other:?}"),
+        }
+        let message = Spool::open(config(dir.path())).unwrap_err().to_string();
+        assert!(
+            message.contains(&dir.path().display().to_string()),
+            "{message}"
+        );
+        // Every clone holds the lock; the last one releases it.
+        drop(spool);
+        assert!(matches!(
+            Spool::open(config(dir.path())),
+            Err(SpoolError::Locked { .. })
+        ));
+        drop(clone);
+        let reopened = Spool::open(config(dir.path())).unwrap();
+        assert_eq!(reopened.pending(), 3);
     }
 
     #[tokio::test]
