@@ -1,11 +1,17 @@
 //! The three real backends (Postgres, Redis, InfluxDB): which image runs
-//! each, how it is started, how we know it is ready, and the fault proxy
-//! every client goes through.
+//! each, how it is started, how we know it is ready (its log line, then a
+//! real request), and the fault proxy every client goes through.
+//!
+//! The proxy of a backend whose container the kit can inspect follows it:
+//! after any restart, the kit's own [`Backend::start_again`] or a
+//! `docker restart` by hand, the container has a new host port, and the
+//! proxy finds it at the first refused connection (see [`crate::proxy`]).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::docker::{Container, ContainerSpec, Docker, DockerError};
+use crate::container::{Container, ContainerSpec};
+use crate::docker::{Docker, DockerError};
 use crate::influx::InfluxClient;
 use crate::proxy::FaultProxy;
 
@@ -59,7 +65,8 @@ impl BackendKind {
         }
     }
 
-    const fn port(self) -> u16 {
+    /// The port the server listens on inside its container.
+    pub const fn port(self) -> u16 {
         match self {
             Self::Postgres => 5432,
             Self::Redis => 6379,
@@ -79,13 +86,18 @@ impl BackendKind {
     /// images and for the local ones `deploy/local-images.sh` builds.
     pub fn spec(self) -> ContainerSpec {
         let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let pairs = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
         let (cmd, env) = match self {
             // fsync=off is for test speed only: tests kill processes, not the
             // OS, and synchronous_commit stays on, so no acknowledged commit
             // is lost on SIGKILL (RELIABILITY.md).
             Self::Postgres => (
                 strings(&["-c", "fsync=off", "-c", "max_connections=300"]),
-                strings(&["POSTGRES_HOST_AUTH_METHOD=trust"]),
+                pairs(&[("POSTGRES_HOST_AUTH_METHOD", "trust")]),
             ),
             // AOF on: without it, acknowledged stream entries vanish on SIGKILL.
             Self::Redis => (
@@ -102,10 +114,10 @@ impl BackendKind {
             ),
             Self::Influx => (
                 Vec::new(),
-                strings(&[
-                    "INFLUXDB_REPORTING_DISABLED=true",
-                    "INFLUXDB_HTTP_LOG_ENABLED=false",
-                    "INFLUXDB_DATA_QUERY_LOG_ENABLED=false",
+                pairs(&[
+                    ("INFLUXDB_REPORTING_DISABLED", "true"),
+                    ("INFLUXDB_HTTP_LOG_ENABLED", "false"),
+                    ("INFLUXDB_DATA_QUERY_LOG_ENABLED", "false"),
                 ]),
             ),
         };
@@ -114,7 +126,20 @@ impl BackendKind {
             cmd,
             env,
             port: self.port(),
+            ready_line: self.ready_line(),
             role: self.name(),
+        }
+    }
+
+    /// What the server logs once it accepts connections, in the official
+    /// images and the local ones alike. The official Postgres image prints
+    /// it twice (its set-up server, then the real one): the probe that
+    /// follows the line is what says the server is ready.
+    const fn ready_line(self) -> &'static str {
+        match self {
+            Self::Postgres => "database system is ready to accept connections",
+            Self::Redis => "Ready to accept connections",
+            Self::Influx => "Listening on HTTP",
         }
     }
 
@@ -187,19 +212,23 @@ pub struct Backend {
 
 impl Backend {
     /// Starts a container of this kind, waits until it answers, and puts a
-    /// proxy in front of it.
+    /// proxy in front of it that follows it to wherever it is published.
     pub async fn start(docker: &Docker, kind: BackendKind) -> anyhow::Result<Self> {
         let started = Instant::now();
-        let container = docker.run(&kind.spec()).await?;
+        let container = Container::run(docker, &kind.spec()).await?;
         let upstream = loopback(container.host_port().await?);
-        kind.wait_ready(upstream, READY_TIMEOUT).await?;
+        // Boxed: the three clients' futures are KiB each, and a stack
+        // starts three backends side by side.
+        Box::pin(kind.wait_ready(upstream, READY_TIMEOUT)).await?;
         tracing::info!(
             backend = kind.name(),
             %upstream,
+            container = container.id(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "backend ready"
         );
-        let proxy = FaultProxy::start(upstream).await?;
+        let proxy =
+            FaultProxy::following(upstream, docker.resolver(container.id(), kind.port())).await?;
         Ok(Self {
             kind,
             container: Some(container),
@@ -213,6 +242,22 @@ impl Backend {
             kind,
             container: None,
             proxy: FaultProxy::start(upstream).await?,
+        })
+    }
+
+    /// Puts a proxy in front of container `id`, which another process owns
+    /// and which answers at `upstream` now; the proxy follows it if it
+    /// moves. This backend cannot stop, kill or pause it.
+    pub async fn attach_container(
+        docker: &Docker,
+        kind: BackendKind,
+        upstream: SocketAddr,
+        id: &str,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            kind,
+            container: None,
+            proxy: FaultProxy::following(upstream, docker.resolver(id, kind.port())).await?,
         })
     }
 
@@ -245,9 +290,8 @@ impl Backend {
     }
 
     fn owned(&self) -> Result<&Container, DockerError> {
-        self.container.as_ref().ok_or(DockerError::NoHostPort {
-            id: "(shared backend: owned by another process)".into(),
-            port: self.kind.port(),
+        self.container.as_ref().ok_or(DockerError::NotOwned {
+            role: self.kind.name(),
         })
     }
 
@@ -265,8 +309,11 @@ impl Backend {
     /// of the old one's data (a server restarted without persistence), and
     /// points the proxy at it. Clients keep their address.
     pub async fn replace_container(&mut self, docker: &Docker) -> anyhow::Result<()> {
-        let fresh = docker.run(&self.kind.spec()).await?;
+        let fresh = Container::run(docker, &self.kind.spec()).await?;
         let upstream = loopback(fresh.host_port().await?);
+        // The proxy follows the new container from now on, not the old one.
+        self.proxy
+            .set_resolver(Some(docker.resolver(fresh.id(), self.kind.port())));
         if let Some(old) = self.container.replace(fresh) {
             old.remove().await?;
         }

@@ -1,25 +1,38 @@
-//! A small Docker client for the harness's backend containers.
+//! The Docker engine, as the kit uses it around the `testcontainers` crate.
 //!
-//! It talks to the engine with bollard, with the API version negotiated
-//! down to what the engine speaks. (testcontainers 0.28 pins API 1.53
-//! through bollard 0.21 without negotiating, which engines older than
-//! Docker 29, such as Debian's 20.10, refuse with "client version 1.53 is
-//! too new".)
+//! Containers are created, waited for, started, stopped, paused and removed
+//! by testcontainers ([`crate::container`]). This module holds what is
+//! around that:
 //!
-//! Every container carries the label [`LABEL`] and the process id of its
-//! owner, so [`Docker::sweep_orphans`] can remove what a killed test run
-//! left behind, and a dropped [`Container`] removes itself.
+//! * the labels every kit container carries ([`LABEL`], and its owner's
+//!   process id and host), and the sweep of containers whose owner is gone
+//!   ([`Docker::sweep_orphans`]), so a killed test run leaves nothing
+//!   behind for long;
+//! * a few engine calls testcontainers 0.28 has no API for, made with the
+//!   bollard client testcontainers itself configured (same `DOCKER_HOST`,
+//!   same connection): listing containers by label (the sweep), SIGKILL
+//!   (its `stop` sends SIGTERM first, which lets a server shut down
+//!   cleanly: not the fault a kill test means), whether an image is on this
+//!   machine (testcontainers pulls a missing image, and there is no
+//!   registry here), and the published port of a container this process
+//!   does not own (the shared backends of a test run, reached by id).
+//!
+//! testcontainers' own reaper needs no switching off: the Rust crate has
+//! no "ryuk" container, and its signal watchdog is a feature the kit does
+//! not turn on. The owner labels and the sweep do that job.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::net::SocketAddr;
 
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
-use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ListContainersOptions,
-    RemoveContainerOptions, StopContainerOptions,
+use testcontainers::bollard;
+use testcontainers::bollard::query_parameters::{
+    InspectContainerOptions, KillContainerOptions, ListContainersOptions, RemoveContainerOptions,
 };
+use testcontainers::core::ports::Ports;
 
-/// Marks every container the harness starts.
+use crate::proxy::{ResolveError, Resolver};
+
+/// Marks every container the kit starts; its value is the backend's role.
 pub const LABEL: &str = "cellmon.harness";
 /// The process id of the process that owns the container.
 pub const OWNER_LABEL: &str = "cellmon.owner-pid";
@@ -37,114 +50,132 @@ pub fn owner_host() -> String {
     format!("{}/{pid_ns}", boot.trim())
 }
 
+/// Whether a process with this id exists (Linux: its `/proc` entry).
+pub fn process_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Errors talking to the Docker engine.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
-    #[error(
-        "cannot reach the Docker engine (is dockerd running? see deploy/ensure-docker.sh): {0}"
-    )]
-    Connect(#[source] bollard::errors::Error),
+    #[error("cannot reach the Docker engine (is dockerd running? see deploy/ensure-docker.sh)")]
+    Connect(#[source] testcontainers::core::client::ClientError),
+    #[error("cannot reach the Docker engine (is dockerd running? see deploy/ensure-docker.sh)")]
+    Ping(#[source] bollard::errors::Error),
     #[error(
         "image {image} is not on this machine; build local images with deploy/local-images.sh or pull it"
     )]
     MissingImage { image: String },
-    #[error("Docker engine call `{call}` failed: {source}")]
+    #[error("Docker engine call `{call}` failed")]
     Call {
         call: &'static str,
         #[source]
         source: bollard::errors::Error,
     },
-    #[error("container {id} publishes no host port for {port}/tcp")]
+    #[error("testcontainers could not {action} the {role} container")]
+    Container {
+        action: &'static str,
+        role: &'static str,
+        // Boxed: the error is large, and every kit call returns this type.
+        #[source]
+        source: Box<testcontainers::TestcontainersError>,
+    },
+    #[error("container {id} publishes no host port for {port}/tcp (is it running?)")]
     NoHostPort { id: String, port: u16 },
+    #[error("the {role} backend belongs to another process (the test run's shared set)")]
+    NotOwned { role: &'static str },
 }
 
 fn call(call: &'static str) -> impl FnOnce(bollard::errors::Error) -> DockerError {
     move |source| DockerError::Call { call, source }
 }
 
-/// A connection to the Docker engine.
+/// The Docker engine, through the client testcontainers configured.
 #[derive(Debug, Clone)]
 pub struct Docker {
     client: bollard::Docker,
 }
 
-/// What to run.
-#[derive(Debug, Clone)]
-pub struct ContainerSpec {
-    pub image: String,
-    pub cmd: Vec<String>,
-    pub env: Vec<String>,
-    /// The one TCP port the service listens on inside the container.
-    pub port: u16,
-    /// A role name for logs and labels (`postgres`, `redis`, `influxdb`).
-    pub role: &'static str,
-}
-
 impl Docker {
-    /// Connects to the engine named by `DOCKER_HOST` (default: the local
-    /// socket) and negotiates the API version.
+    /// Connects to the engine testcontainers finds (`DOCKER_HOST`, else the
+    /// local socket) and checks that it answers, so a missing engine is one
+    /// clear error here instead of a confusing one at the first container.
     pub async fn connect() -> Result<Self, DockerError> {
-        let client = bollard::Docker::connect_with_defaults()
-            .map_err(DockerError::Connect)?
-            .negotiate_version()
+        let client = testcontainers::core::client::docker_client_instance()
             .await
             .map_err(DockerError::Connect)?;
+        client.ping().await.map_err(DockerError::Ping)?;
         Ok(Self { client })
     }
 
-    /// Creates and starts a container whose port is published on an
-    /// ephemeral loopback port of the host.
-    pub async fn run(&self, spec: &ContainerSpec) -> Result<Container, DockerError> {
-        let port_key = format!("{}/tcp", spec.port);
-        let labels = HashMap::from([
-            (LABEL.to_owned(), spec.role.to_owned()),
-            (OWNER_LABEL.to_owned(), std::process::id().to_string()),
-            (OWNER_HOST_LABEL.to_owned(), owner_host()),
-        ]);
-        let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            cmd: (!spec.cmd.is_empty()).then(|| spec.cmd.clone()),
-            env: Some(spec.env.clone()),
-            labels: Some(labels),
-            exposed_ports: Some(vec![port_key.clone()]),
-            host_config: Some(HostConfig {
-                port_bindings: Some(HashMap::from([(
-                    port_key,
-                    Some(vec![PortBinding {
-                        host_ip: Some("127.0.0.1".to_owned()),
-                        host_port: Some(String::new()),
-                    }]),
-                )])),
-                ..HostConfig::default()
+    /// Fails unless `image` is on this machine. Called before every start:
+    /// testcontainers pulls an image it cannot find, and the kit must never
+    /// try (machines without a registry build theirs locally).
+    pub async fn require_image(&self, image: &str) -> Result<(), DockerError> {
+        match self.client.inspect_image(image).await {
+            Ok(_) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Err(DockerError::MissingImage {
+                image: image.to_owned(),
             }),
-            ..ContainerCreateBody::default()
-        };
-        let created = self
-            .client
-            .create_container(None::<CreateContainerOptions>, body)
-            .await
-            .map_err(|e| match e {
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                } => DockerError::MissingImage {
-                    image: spec.image.clone(),
-                },
-                other => call("create")(other),
-            })?;
-        let container = Container {
-            docker: self.clone(),
-            id: created.id,
-            port: spec.port,
-            role: spec.role,
-            removed: false,
-        };
-        container.start().await?;
-        Ok(container)
+            Err(other) => Err(call("inspect image")(other)),
+        }
     }
 
-    /// Removes harness containers whose owning process, on this host, is
-    /// gone (a test run that was killed before it could clean up). Returns
-    /// how many. A container that vanishes meanwhile is not an error.
+    /// The loopback host port that container `id` publishes `port` on right
+    /// now; it changes whenever the container is started again.
+    pub async fn published_port(&self, id: &str, port: u16) -> Result<u16, DockerError> {
+        let info = self
+            .client
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .map_err(call("inspect"))?;
+        let no_port = || DockerError::NoHostPort {
+            id: id.to_owned(),
+            port,
+        };
+        let map = info
+            .network_settings
+            .and_then(|n| n.ports)
+            .ok_or_else(no_port)?;
+        // testcontainers' own reading of the port map, as for the
+        // containers it started.
+        Ports::try_from(map)
+            .ok()
+            .and_then(|ports| ports.map_to_host_port_ipv4(port))
+            .ok_or_else(no_port)
+    }
+
+    /// A [`Resolver`] for a proxy in front of container `id`: where `port`
+    /// is published now.
+    pub fn resolver(&self, id: &str, port: u16) -> Resolver {
+        let docker = self.clone();
+        let id = id.to_owned();
+        Resolver::new(move || {
+            let docker = docker.clone();
+            let id = id.clone();
+            async move {
+                let host_port = docker
+                    .published_port(&id, port)
+                    .await
+                    .map_err(ResolveError::new)?;
+                Ok(SocketAddr::from(([127, 0, 0, 1], host_port)))
+            }
+        })
+    }
+
+    /// SIGKILL: the process dies without any chance to flush.
+    pub async fn kill(&self, id: &str) -> Result<(), DockerError> {
+        self.client
+            .kill_container(id, None::<KillContainerOptions>)
+            .await
+            .map_err(call("kill"))
+    }
+
+    /// Removes kit containers whose owning process, on this host, is gone
+    /// (a test run that was killed before it could clean up). Returns how
+    /// many. A container that vanishes meanwhile is not an error.
     pub async fn sweep_orphans(&self) -> Result<usize, DockerError> {
         let list = self.list().await?;
         let here = owner_host();
@@ -169,7 +200,7 @@ impl Docker {
         Ok(removed)
     }
 
-    /// The labels of every harness container (any state, any owner).
+    /// The labels of every kit container (any state, any owner).
     pub async fn list_harness_containers(
         &self,
     ) -> Result<Vec<HashMap<String, String>>, DockerError> {
@@ -181,7 +212,7 @@ impl Docker {
             .collect())
     }
 
-    /// Every harness container, in any state.
+    /// Every kit container, in any state.
     async fn list(&self) -> Result<Vec<bollard::models::ContainerSummary>, DockerError> {
         let filters = HashMap::from([("label".to_owned(), vec![LABEL.to_owned()])]);
         self.client
@@ -194,6 +225,8 @@ impl Docker {
             .map_err(call("list"))
     }
 
+    /// Removes a container this process holds no handle for (the sweep's
+    /// orphans).
     async fn remove(&self, id: &str) -> Result<(), DockerError> {
         self.client
             .remove_container(
@@ -206,140 +239,5 @@ impl Docker {
             )
             .await
             .map_err(call("remove"))
-    }
-}
-
-/// Whether a process with this id exists (Linux: its `/proc` entry).
-pub fn process_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// A running (or stopped, or paused) container, removed when dropped.
-#[derive(Debug)]
-pub struct Container {
-    docker: Docker,
-    id: String,
-    port: u16,
-    role: &'static str,
-    removed: bool,
-}
-
-impl Container {
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    pub fn role(&self) -> &'static str {
-        self.role
-    }
-
-    /// The loopback host port the service is published on right now. It
-    /// changes when the container is stopped and started again.
-    pub async fn host_port(&self) -> Result<u16, DockerError> {
-        let info = self
-            .docker
-            .client
-            .inspect_container(&self.id, None::<InspectContainerOptions>)
-            .await
-            .map_err(call("inspect"))?;
-        let key = format!("{}/tcp", self.port);
-        info.network_settings
-            .and_then(|n| n.ports)
-            .and_then(|mut ports| ports.remove(&key))
-            .flatten()
-            .into_iter()
-            .flatten()
-            .find_map(|b| b.host_port.and_then(|p| p.parse().ok()))
-            .ok_or_else(|| DockerError::NoHostPort {
-                id: self.id.clone(),
-                port: self.port,
-            })
-    }
-
-    pub async fn start(&self) -> Result<(), DockerError> {
-        self.docker
-            .client
-            .start_container(&self.id, None)
-            .await
-            .map_err(call("start"))
-    }
-
-    /// Stops the container: SIGTERM, then SIGKILL after `grace`.
-    pub async fn stop(&self, grace: Duration) -> Result<(), DockerError> {
-        let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
-        self.docker
-            .client
-            .stop_container(
-                &self.id,
-                Some(StopContainerOptions {
-                    t: Some(t),
-                    ..StopContainerOptions::default()
-                }),
-            )
-            .await
-            .map_err(call("stop"))
-    }
-
-    /// SIGKILL: the process dies without any chance to flush.
-    pub async fn kill(&self) -> Result<(), DockerError> {
-        self.docker
-            .client
-            .kill_container(&self.id, None::<KillContainerOptions>)
-            .await
-            .map_err(call("kill"))
-    }
-
-    /// Freezes every process of the container (cgroup freezer): connections
-    /// stay open and nothing answers, which is how a hung server looks.
-    pub async fn pause(&self) -> Result<(), DockerError> {
-        self.docker
-            .client
-            .pause_container(&self.id)
-            .await
-            .map_err(call("pause"))
-    }
-
-    pub async fn unpause(&self) -> Result<(), DockerError> {
-        self.docker
-            .client
-            .unpause_container(&self.id)
-            .await
-            .map_err(call("unpause"))
-    }
-
-    /// Removes the container now and reports failures, unlike `Drop`.
-    pub async fn remove(mut self) -> Result<(), DockerError> {
-        self.removed = true;
-        self.docker.remove(&self.id).await
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        if self.removed {
-            return;
-        }
-        // Drop cannot await, and the caller's runtime may be shutting down,
-        // so the removal runs on a thread of its own with its own runtime.
-        let id = std::mem::take(&mut self.id);
-        let removal = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let Ok(runtime) = runtime else { return };
-            runtime.block_on(async {
-                match Docker::connect().await {
-                    Ok(docker) => {
-                        if let Err(error) = docker.remove(&id).await {
-                            tracing::warn!(%error, container = %id, "could not remove container");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, container = %id, "could not remove container")
-                    }
-                }
-            });
-        });
-        let _ = removal.join();
     }
 }

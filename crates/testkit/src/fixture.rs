@@ -2,10 +2,12 @@
 //!
 //! A test run shares one set of backend containers: the nextest setup
 //! script (`testkit backends`) starts them once and passes their
-//! addresses in `CELLMON_TEST_*_ADDR`. Each test then gets
+//! addresses in `CELLMON_TEST_*_ADDR` and their container ids in
+//! `CELLMON_TEST_*_CONTAINER`. Each test then gets
 //!
 //! * its own fault proxies in front of them, so network faults it injects
-//!   touch only its own connections;
+//!   touch only its own connections; the proxies follow the containers by
+//!   id if they move (a `docker restart` by hand);
 //! * its own Postgres database cloned from the migrated template;
 //! * its own Redis key prefix;
 //! * its own InfluxDB database.
@@ -24,14 +26,34 @@ use crate::backend::{Backend, BackendKind};
 use crate::docker::Docker;
 use crate::influx::InfluxClient;
 use crate::pg;
-use crate::stack::Stack;
+use crate::stack::{Running, Stack};
 
-/// Environment variables the setup script hands to tests.
+/// Environment variables the setup script hands to tests: each shared
+/// backend's address.
 pub const SHARED_ADDR_VARS: [(BackendKind, &str); 3] = [
     (BackendKind::Postgres, "CELLMON_TEST_POSTGRES_ADDR"),
     (BackendKind::Redis, "CELLMON_TEST_REDIS_ADDR"),
     (BackendKind::Influx, "CELLMON_TEST_INFLUX_ADDR"),
 ];
+
+/// ... and its container's id, for proxies that follow it.
+pub const SHARED_CONTAINER_VARS: [(BackendKind, &str); 3] = [
+    (BackendKind::Postgres, "CELLMON_TEST_POSTGRES_CONTAINER"),
+    (BackendKind::Redis, "CELLMON_TEST_REDIS_CONTAINER"),
+    (BackendKind::Influx, "CELLMON_TEST_INFLUX_CONTAINER"),
+];
+
+/// The `KEY=VALUE` lines that hand `running` backends to tests.
+pub fn shared_env(running: &[Running; 3]) -> String {
+    let mut env = String::new();
+    for (i, backend) in running.iter().enumerate() {
+        env.push_str(&format!("{}={}\n", SHARED_ADDR_VARS[i].1, backend.addr));
+        if let Some(id) = &backend.container {
+            env.push_str(&format!("{}={id}\n", SHARED_CONTAINER_VARS[i].1));
+        }
+    }
+    env
+}
 
 /// One test's isolated view of the three backends.
 #[derive(Debug)]
@@ -48,9 +70,22 @@ impl TestBackends {
     /// otherwise private ones.
     pub async fn shared() -> anyhow::Result<Self> {
         crate::init_test_tracing();
-        match shared_addrs()? {
-            Some([postgres, redis, influx]) => {
-                let stack = Stack::attach(postgres, redis, influx).await?;
+        match shared_backends()? {
+            Some(running) => {
+                // Following the shared containers needs the engine; a test
+                // that cannot reach it still works, its proxies just stay put
+                // (nothing restarts the shared set during a run).
+                let docker = if running.iter().any(|r| r.container.is_some()) {
+                    Docker::connect()
+                        .await
+                        .inspect_err(|error| {
+                            tracing::warn!(%error, "shared backends: proxies will not follow")
+                        })
+                        .ok()
+                } else {
+                    None
+                };
+                let stack = Stack::attach(docker.as_ref(), running).await?;
                 Self::isolate(stack, true).await
             }
             None => Self::private().await,
@@ -126,17 +161,22 @@ impl TestBackends {
     }
 }
 
-fn shared_addrs() -> anyhow::Result<Option<[SocketAddr; 3]>> {
-    let mut addrs = Vec::with_capacity(3);
-    for (_, var) in SHARED_ADDR_VARS {
-        match std::env::var(var) {
-            Ok(value) => addrs.push(
-                value
-                    .parse()
-                    .with_context(|| format!("{var}={value} is not a socket address"))?,
-            ),
-            Err(_) => return Ok(None),
-        }
+/// The shared backends the setup script handed over, if it ran.
+fn shared_backends() -> anyhow::Result<Option<[Running; 3]>> {
+    let mut running = Vec::with_capacity(3);
+    for ((_, addr_var), (_, container_var)) in
+        SHARED_ADDR_VARS.into_iter().zip(SHARED_CONTAINER_VARS)
+    {
+        let Ok(value) = std::env::var(addr_var) else {
+            return Ok(None);
+        };
+        let addr: SocketAddr = value
+            .parse()
+            .with_context(|| format!("{addr_var}={value} is not a socket address"))?;
+        let container = std::env::var(container_var)
+            .ok()
+            .filter(|id| !id.trim().is_empty());
+        running.push(Running { addr, container });
     }
-    Ok(addrs.try_into().ok())
+    Ok(running.try_into().ok())
 }

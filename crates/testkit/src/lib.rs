@@ -3,17 +3,22 @@
 //! links it into a binary.
 //!
 //! Everything the project claims about durability is proven against real
-//! Postgres, Redis and InfluxDB servers in containers, reached through a
-//! TCP proxy the kit controls, so a test can take a backend down, hang it,
-//! reset its connections or slow it, and can stop, kill, pause and restart
-//! its container while clients keep one address.
+//! Postgres, Redis and InfluxDB servers in containers (run by the
+//! `testcontainers` crate), reached through a TCP proxy the kit controls,
+//! so a test can take a backend down, hang it, reset its connections or
+//! slow it, and can stop, kill, pause and restart its container while
+//! clients keep one address; the proxy follows a container to its new host
+//! port after any restart, one done by hand with `docker restart` too.
 //!
-//! * [`docker`]: start, stop, kill, pause and remove labelled containers;
-//!   sweep what a killed run left behind.
+//! * [`container`]: one labelled container through testcontainers: start
+//!   and wait for its ready line, stop, start, pause, kill, logs, removal.
+//! * [`docker`]: the engine around it: owner labels and the sweep of what
+//!   a killed run left behind, the few calls testcontainers lacks.
 //! * [`backend`]: the three backends: images (from `CELLMON_*_IMAGE`),
 //!   command lines, readiness probes, and [`backend::Backend`], a
 //!   backend behind its [`proxy::FaultProxy`].
-//! * [`proxy`]: the fault-injecting TCP proxy.
+//! * [`proxy`]: the fault-injecting TCP proxy, which can follow its
+//!   backend with a [`proxy::Resolver`].
 //! * [`stack`]: all three together.
 //! * [`fixture`]: [`fixture::TestBackends`], one test's isolated view
 //!   (own database, key prefix, proxies).
@@ -41,6 +46,7 @@
 //! ```
 
 pub mod backend;
+pub mod container;
 pub mod docker;
 pub mod fixture;
 pub mod influx;

@@ -2,18 +2,28 @@
 //!
 //! Every backend under test is reached through one of these, so a test can
 //! make the network misbehave (down, hang, reset, latency, byte limit) and
-//! the backend's container can move to another host port (stop and start)
-//! while clients keep one address.
+//! the backend's container can move to another host port (stop and start,
+//! or a `docker restart` by hand) while clients keep one address.
 //!
 //! A fault applies at once to new *and* open connections: `Down` closes
 //! them, `Reset` resets them, `Hang` stops every byte until cleared,
 //! `Latency` delays each chunk, `ByteLimit` resets a connection once that
 //! many bytes have passed through it.
+//!
+//! A proxy given a [`Resolver`] follows its backend: whenever the upstream
+//! refuses a connection or resets one, the proxy asks the resolver where the
+//! backend is now (for a container: its current host port, from Docker) and
+//! retries there. Asking is bounded: at most once per
+//! [`MIN_RESOLVE_INTERVAL`], whatever the number of failing connections,
+//! and never for traffic that flows.
 
+use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +34,13 @@ use tokio::task::JoinHandle;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read buffer per direction per connection.
 const CHUNK: usize = 16 * 1024;
+/// The least time between two questions to the resolver. A backend that is
+/// down refuses every connection; this keeps that from becoming a Docker
+/// call per connection.
+pub const MIN_RESOLVE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long one question to the resolver may take before the proxy gives
+/// up on it and keeps the address it has.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the proxy does to traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,19 +62,110 @@ pub enum Fault {
     ByteLimit(u64),
 }
 
+/// Why a [`Resolver`] could not say where the backend is.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot tell where the backend is now")]
+pub struct ResolveError(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+impl ResolveError {
+    pub fn new(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self(cause.into())
+    }
+}
+
+/// What a [`Resolver`] returns.
+pub type ResolveFuture = Pin<Box<dyn Future<Output = Result<SocketAddr, ResolveError>> + Send>>;
+
+/// Tells a proxy where its backend is right now.
+#[derive(Clone)]
+pub struct Resolver(Arc<dyn Fn() -> ResolveFuture + Send + Sync>);
+
+impl Resolver {
+    pub fn new<F, Fut>(resolve: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<SocketAddr, ResolveError>> + Send + 'static,
+    {
+        Self(Arc::new(move || Box::pin(resolve())))
+    }
+
+    pub async fn resolve(&self) -> Result<SocketAddr, ResolveError> {
+        (self.0)().await
+    }
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     accepted: AtomicU64,
     open: AtomicUsize,
+    resolutions: AtomicU64,
+}
+
+/// What the accept loop, every connection and the handle share.
+#[derive(Debug)]
+struct Shared {
+    fault: watch::Sender<Fault>,
+    upstream: watch::Sender<SocketAddr>,
+    resolver: Mutex<Option<Resolver>>,
+    /// When the resolver was last asked. A tokio mutex: held while asking,
+    /// so connections failing together wait for one answer instead of
+    /// asking again.
+    last_resolve: tokio::sync::Mutex<Option<Instant>>,
+    counters: Counters,
+}
+
+impl Shared {
+    fn resolver(&self) -> Option<Resolver> {
+        self.resolver
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Asks the resolver where the backend is, unless it was asked less
+    /// than [`MIN_RESOLVE_INTERVAL`] ago, and returns the upstream address
+    /// to use now (moved or not).
+    async fn refresh(&self) -> SocketAddr {
+        let Some(resolver) = self.resolver() else {
+            return *self.upstream.borrow();
+        };
+        let mut last = self.last_resolve.lock().await;
+        if last.is_some_and(|at| at.elapsed() < MIN_RESOLVE_INTERVAL) {
+            return *self.upstream.borrow();
+        }
+        *last = Some(Instant::now());
+        self.counters.resolutions.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout(RESOLVE_TIMEOUT, resolver.resolve()).await {
+            Ok(Ok(now)) => {
+                let moved = self.upstream.send_if_modified(|upstream| {
+                    let moved = *upstream != now;
+                    *upstream = now;
+                    moved
+                });
+                if moved {
+                    tracing::info!(upstream = %now, "proxy follows its backend to a new address");
+                }
+            }
+            // A container that is stopped has no host port: nothing to
+            // follow yet; the next failure asks again.
+            Ok(Err(error)) => tracing::debug!(error = %error, "backend not resolved"),
+            Err(_) => tracing::debug!("resolving the backend timed out"),
+        }
+        *self.upstream.borrow()
+    }
 }
 
 /// A running proxy. Dropping it stops accepting and ends every connection.
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
-    fault: Arc<watch::Sender<Fault>>,
-    upstream: Arc<watch::Sender<SocketAddr>>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
     accept: JoinHandle<()>,
 }
 
@@ -66,22 +174,27 @@ impl FaultProxy {
     pub async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let fault = Arc::new(watch::Sender::new(Fault::None));
-        let upstream = Arc::new(watch::Sender::new(upstream));
-        let counters = Arc::new(Counters::default());
-        let accept = tokio::spawn(accept_loop(
-            listener,
-            Arc::clone(&fault),
-            Arc::clone(&upstream),
-            Arc::clone(&counters),
-        ));
+        let shared = Arc::new(Shared {
+            fault: watch::Sender::new(Fault::None),
+            upstream: watch::Sender::new(upstream),
+            resolver: Mutex::new(None),
+            last_resolve: tokio::sync::Mutex::new(None),
+            counters: Counters::default(),
+        });
+        let accept = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         Ok(Self {
             addr,
-            fault,
-            upstream,
-            counters,
+            shared,
             accept,
         })
+    }
+
+    /// Starts a proxy in front of `upstream` that follows the backend
+    /// wherever `resolver` says it went.
+    pub async fn following(upstream: SocketAddr, resolver: Resolver) -> std::io::Result<Self> {
+        let proxy = Self::start(upstream).await?;
+        proxy.set_resolver(Some(resolver));
+        Ok(proxy)
     }
 
     /// The address clients connect to.
@@ -91,16 +204,31 @@ impl FaultProxy {
 
     /// Points new connections at another backend address (open ones stay).
     pub fn set_upstream(&self, upstream: SocketAddr) {
-        self.upstream.send_replace(upstream);
+        self.shared.upstream.send_replace(upstream);
     }
 
     pub fn upstream(&self) -> SocketAddr {
-        *self.upstream.borrow()
+        *self.shared.upstream.borrow()
+    }
+
+    /// Makes the proxy follow its backend with `resolver` (or stop
+    /// following, with `None`).
+    pub fn set_resolver(&self, resolver: Option<Resolver>) {
+        *self
+            .shared
+            .resolver
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = resolver;
+    }
+
+    /// Whether the proxy follows its backend.
+    pub fn is_following(&self) -> bool {
+        self.shared.resolver().is_some()
     }
 
     pub fn set_fault(&self, fault: Fault) {
         tracing::debug!(proxy = %self.addr, ?fault, "fault set");
-        self.fault.send_replace(fault);
+        self.shared.fault.send_replace(fault);
     }
 
     /// Back to forwarding everything.
@@ -109,17 +237,22 @@ impl FaultProxy {
     }
 
     pub fn fault(&self) -> Fault {
-        *self.fault.borrow()
+        *self.shared.fault.borrow()
     }
 
     /// Connections accepted since start.
     pub fn accepted(&self) -> u64 {
-        self.counters.accepted.load(Ordering::Relaxed)
+        self.shared.counters.accepted.load(Ordering::Relaxed)
     }
 
     /// Connections open right now.
     pub fn open_connections(&self) -> usize {
-        self.counters.open.load(Ordering::Relaxed)
+        self.shared.counters.open.load(Ordering::Relaxed)
+    }
+
+    /// How many times the proxy asked its resolver where the backend is.
+    pub fn resolutions(&self) -> u64 {
+        self.shared.counters.resolutions.load(Ordering::Relaxed)
     }
 }
 
@@ -127,16 +260,11 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.accept.abort();
         // Open connections watch this channel; a kill fault ends them.
-        self.fault.send_replace(Fault::Down);
+        self.shared.fault.send_replace(Fault::Down);
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    fault: Arc<watch::Sender<Fault>>,
-    upstream: Arc<watch::Sender<SocketAddr>>,
-    counters: Arc<Counters>,
-) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let client = match listener.accept().await {
             Ok((client, _)) => client,
@@ -147,14 +275,12 @@ async fn accept_loop(
                 continue;
             }
         };
-        counters.accepted.fetch_add(1, Ordering::Relaxed);
-        let faults = fault.subscribe();
-        let target = *upstream.borrow();
-        let counters = Arc::clone(&counters);
+        shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            counters.open.fetch_add(1, Ordering::Relaxed);
-            serve(client, target, faults).await;
-            counters.open.fetch_sub(1, Ordering::Relaxed);
+            shared.counters.open.fetch_add(1, Ordering::Relaxed);
+            serve(client, &shared).await;
+            shared.counters.open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
@@ -162,21 +288,65 @@ async fn accept_loop(
 /// How a connection ended, when the proxy ended it.
 enum End {
     Close,
-    Reset,
+    Reset(Peer),
 }
 
-async fn serve(client: TcpStream, target: SocketAddr, mut faults: watch::Receiver<Fault>) {
+/// Who caused a reset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    Client,
+    Upstream,
+    /// A fault or a byte limit of the proxy's own.
+    Proxy,
+}
+
+/// Which way a pump copies.
+#[derive(Clone, Copy)]
+enum Direction {
+    ToUpstream,
+    ToClient,
+}
+
+impl Direction {
+    /// Who is at fault when reading fails, and when writing fails.
+    fn peers(self) -> (Peer, Peer) {
+        match self {
+            Self::ToUpstream => (Peer::Client, Peer::Upstream),
+            Self::ToClient => (Peer::Upstream, Peer::Client),
+        }
+    }
+}
+
+/// Connects to the backend; when it refuses (or does not answer), asks
+/// where it is now and tries once more there if it moved.
+async fn connect_upstream(shared: &Shared) -> Option<TcpStream> {
+    let target = *shared.upstream.borrow();
+    let connect = |addr| tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
+    if let Ok(Ok(upstream)) = connect(target).await {
+        return Some(upstream);
+    }
+    let now = shared.refresh().await;
+    if now == target {
+        return None;
+    }
+    match connect(now).await {
+        Ok(Ok(upstream)) => Some(upstream),
+        _ => None,
+    }
+}
+
+async fn serve(client: TcpStream, shared: &Shared) {
+    let mut faults = shared.fault.subscribe();
     let _ = client.set_nodelay(true);
     match *faults.borrow_and_update() {
         Fault::Down => return,
         Fault::Reset => return reset(&client),
         _ => {}
     }
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(upstream)) => upstream,
+    let Some(upstream) = connect_upstream(shared).await else {
         // The backend is not there: the client sees a reset, as it would
         // when connecting to a closed port.
-        _ => return reset(&client),
+        return reset(&client);
     };
     let _ = upstream.set_nodelay(true);
     let mut client = client;
@@ -190,12 +360,14 @@ async fn serve(client: TcpStream, target: SocketAddr, mut faults: watch::Receive
             &mut upstream_write,
             faults.clone(),
             &passed,
+            Direction::ToUpstream,
         );
         let to_client = pump(
             &mut upstream_read,
             &mut client_write,
             faults.clone(),
             &passed,
+            Direction::ToClient,
         );
         tokio::pin!(to_upstream, to_client);
         // Each direction ends on its own (half-close). A fault that kills
@@ -221,9 +393,14 @@ async fn serve(client: TcpStream, target: SocketAddr, mut faults: watch::Receive
             }
         }
     };
-    if let Some(End::Reset) = end {
+    if let Some(End::Reset(by)) = end {
         reset(&client);
         reset(&upstream);
+        // A backend that resets connections may have gone away (or moved):
+        // find out now rather than at the next refused connection.
+        if by == Peer::Upstream {
+            shared.refresh().await;
+        }
     }
 }
 
@@ -235,7 +412,7 @@ async fn killed(faults: &mut watch::Receiver<Fault>) -> End {
         }
         match *faults.borrow_and_update() {
             Fault::Down => return End::Close,
-            Fault::Reset => return End::Reset,
+            Fault::Reset => return End::Reset(Peer::Proxy),
             _ => {}
         }
     }
@@ -243,17 +420,19 @@ async fn killed(faults: &mut watch::Receiver<Fault>) -> End {
 
 /// Copies one direction, applying the current fault to every chunk.
 /// Returns `None` when this direction ended cleanly (EOF), or how the whole
-/// connection must end (a kill fault, a byte limit, a reset from the peer).
+/// connection must end (a kill fault, a byte limit, a reset from a peer).
 async fn pump<R, W>(
     from: &mut R,
     to: &mut W,
     mut faults: watch::Receiver<Fault>,
     passed: &AtomicU64,
+    direction: Direction,
 ) -> Option<End>
 where
     R: AsyncReadExt + Unpin,
     W: AsyncWriteExt + Unpin,
 {
+    let (reader, writer) = direction.peers();
     let mut buf = vec![0u8; CHUNK];
     loop {
         if let Some(end) = wait_while_hung(&mut faults).await {
@@ -268,7 +447,9 @@ where
                 let _ = to.shutdown().await;
                 return None;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(End::Reset),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(End::Reset(reader));
+            }
             Err(_) => return Some(End::Close),
             Ok(n) => n,
         };
@@ -286,13 +467,13 @@ where
                     chunk = &chunk[..allowed.min(n)];
                     let _ = to.write_all(chunk).await;
                     let _ = to.flush().await;
-                    return Some(End::Reset);
+                    return Some(End::Reset(Peer::Proxy));
                 }
             }
             _ => {}
         }
         if to.write_all(chunk).await.is_err() {
-            return Some(End::Reset);
+            return Some(End::Reset(writer));
         }
     }
 }
@@ -303,7 +484,7 @@ async fn wait_while_hung(faults: &mut watch::Receiver<Fault>) -> Option<End> {
     loop {
         match *faults.borrow_and_update() {
             Fault::Down => return Some(End::Close),
-            Fault::Reset => return Some(End::Reset),
+            Fault::Reset => return Some(End::Reset(Peer::Proxy)),
             Fault::Hang => {}
             _ => return None,
         }
@@ -443,6 +624,90 @@ mod tests {
         proxy.set_upstream(second);
         assert_eq!(proxy.upstream(), second);
         assert_eq!(round_trip(proxy.addr()).await.unwrap(), b"ping");
+    }
+
+    /// An echo server that can be shut down: its port then refuses.
+    async fn stoppable_echo() -> (SocketAddr, JoinHandle<()>) {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    /// A resolver that answers what `answer` holds, counting the questions.
+    fn resolver_of(answer: &Arc<Mutex<SocketAddr>>) -> Resolver {
+        let answer = Arc::clone(answer);
+        Resolver::new(move || {
+            let now = *answer.lock().unwrap();
+            async move { Ok(now) }
+        })
+    }
+
+    #[tokio::test]
+    async fn follows_a_backend_that_moved_when_the_old_address_refuses() {
+        let (first, first_server) = stoppable_echo().await;
+        let answer = Arc::new(Mutex::new(first));
+        let proxy = FaultProxy::following(first, resolver_of(&answer))
+            .await
+            .unwrap();
+        assert_eq!(round_trip(proxy.addr()).await.unwrap(), b"ping");
+        assert_eq!(proxy.resolutions(), 0, "asked while the backend answered");
+
+        // The backend goes away and comes back elsewhere, as a container
+        // does after `docker restart`; nobody tells the proxy.
+        first_server.abort();
+        let _ = first_server.await;
+        let second = echo().await;
+        *answer.lock().unwrap() = second;
+
+        // The very first connection after the move gets through.
+        assert_eq!(round_trip(proxy.addr()).await.unwrap(), b"ping");
+        assert_eq!(proxy.upstream(), second);
+        assert_eq!(proxy.resolutions(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_proxy_without_a_resolver_stays_where_it_was_put() {
+        let (first, first_server) = stoppable_echo().await;
+        let proxy = FaultProxy::start(first).await.unwrap();
+        first_server.abort();
+        let _ = first_server.await;
+        assert!(round_trip(proxy.addr()).await.is_err());
+        assert_eq!(proxy.upstream(), first);
+        assert!(!proxy.is_following());
+    }
+
+    #[tokio::test]
+    async fn a_refusing_backend_is_resolved_at_most_every_interval() {
+        // A port nothing listens on, and a resolver that keeps saying so.
+        let dead = {
+            let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+            listener.local_addr().unwrap()
+        };
+        let answer = Arc::new(Mutex::new(dead));
+        let proxy = FaultProxy::following(dead, resolver_of(&answer))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let attempts = 40;
+        for _ in 0..attempts {
+            assert!(round_trip(proxy.addr()).await.is_err());
+        }
+        let elapsed = started.elapsed();
+        let bound = 1 + (elapsed.as_millis() / MIN_RESOLVE_INTERVAL.as_millis()) as u64;
+        let asked = proxy.resolutions();
+        assert!(asked >= 1, "never asked where the backend went");
+        assert!(
+            asked <= bound && asked < attempts,
+            "asked {asked} times for {attempts} refused connections in {elapsed:?}"
+        );
     }
 
     #[tokio::test]

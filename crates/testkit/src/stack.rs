@@ -7,6 +7,25 @@ use crate::backend::{Backend, BackendKind};
 use crate::docker::Docker;
 use crate::pg;
 
+/// A backend that another process runs: where it answers now, and its
+/// container's id when known (then the proxy follows it if it moves).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub container: Option<String>,
+}
+
+impl Running {
+    async fn attach(self, docker: Option<&Docker>, kind: BackendKind) -> anyhow::Result<Backend> {
+        match (docker, self.container) {
+            (Some(docker), Some(id)) => {
+                Backend::attach_container(docker, kind, self.addr, &id).await
+            }
+            _ => Backend::attach(kind, self.addr).await,
+        }
+    }
+}
+
 /// Postgres, Redis and InfluxDB, each behind its own fault proxy.
 #[derive(Debug)]
 pub struct Stack {
@@ -33,17 +52,39 @@ impl Stack {
         Ok(stack)
     }
 
-    /// Proxies in front of backends another process runs.
+    /// Proxies in front of backends another process runs, following the
+    /// containers whose ids are known (with `docker` to ask where they are).
     pub async fn attach(
-        postgres: SocketAddr,
-        redis: SocketAddr,
-        influx: SocketAddr,
+        docker: Option<&Docker>,
+        [postgres, redis, influx]: [Running; 3],
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            postgres: Backend::attach(BackendKind::Postgres, postgres).await?,
-            redis: Backend::attach(BackendKind::Redis, redis).await?,
-            influx: Backend::attach(BackendKind::Influx, influx).await?,
+            postgres: postgres.attach(docker, BackendKind::Postgres).await?,
+            redis: redis.attach(docker, BackendKind::Redis).await?,
+            influx: influx.attach(docker, BackendKind::Influx).await?,
         })
+    }
+
+    /// What another process needs to attach to these backends: each
+    /// container's address and id (not the proxies', which are this
+    /// process's own).
+    pub async fn running(&self) -> anyhow::Result<[Running; 3]> {
+        let mut running = Vec::with_capacity(3);
+        for kind in BackendKind::ALL {
+            let backend = self.backend(kind);
+            let container = backend.container();
+            let addr = match container {
+                Some(container) => SocketAddr::from(([127, 0, 0, 1], container.host_port().await?)),
+                None => backend.proxy().upstream(),
+            };
+            running.push(Running {
+                addr,
+                container: container.map(|c| c.id().to_owned()),
+            });
+        }
+        running
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("a stack has three backends"))
     }
 
     pub fn backend(&self, kind: BackendKind) -> &Backend {

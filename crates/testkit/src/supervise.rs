@@ -3,9 +3,15 @@
 //! nextest runs every test in its own process, so a container held in a
 //! `static` would live once per test and never be dropped. Instead the
 //! setup script `testkit backends` starts a detached supervisor that
-//! owns one set of containers for the run, hands their addresses to the
-//! tests through `$NEXTEST_ENV`, and removes the containers as soon as the
-//! nextest process that ran the script has exited.
+//! owns one set of containers for the run, hands their addresses and
+//! container ids to the tests through `$NEXTEST_ENV`, and removes the
+//! containers as soon as the nextest process that ran the script has
+//! exited.
+//!
+//! The supervisor's [`Stack`] holds testcontainers handles, which remove
+//! their containers when dropped; it lives in [`serve`] until the run ends
+//! and is then removed explicitly ([`Stack::shutdown`]), so nothing is
+//! dropped before it is meant to be.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use crate::docker::{Docker, process_alive};
-use crate::fixture::SHARED_ADDR_VARS;
+use crate::fixture::shared_env;
 use crate::stack::Stack;
 
 /// How long the setup script waits for the supervisor's backends.
@@ -110,13 +116,7 @@ pub async fn serve(
         _ = tokio::signal::ctrl_c() => return Ok(()),
         _ = terminate.recv() => return Ok(()),
     };
-    let mut env = String::new();
-    for (kind, var) in SHARED_ADDR_VARS {
-        env.push_str(&format!(
-            "{var}={}\n",
-            stack.backend(kind).proxy().upstream()
-        ));
-    }
+    let env = shared_env(&stack.running().await?);
     write_atomically(ready_file, &env)?;
     tracing::info!(watch_pid, "backends ready; waiting for the test run to end");
 

@@ -132,3 +132,20 @@ async fn influx_line_protocol_write_then_influxql_count() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn every_proxy_follows_its_container() -> anyhow::Result<()> {
+    // The setup script hands over the shared containers' ids with their
+    // addresses, so a test's own proxies can follow them if they move
+    // (private containers are followed by their owner's proxies).
+    let backends = TestBackends::shared().await?;
+    for kind in cellmon_testkit::backend::BackendKind::ALL {
+        let proxy = backends.backend(kind).proxy();
+        assert!(
+            proxy.is_following(),
+            "{} proxy follows nothing",
+            kind.name()
+        );
+    }
+    Ok(())
+}

@@ -1,15 +1,79 @@
 //! Container-level faults on private backends: stop and start (the host
-//! port may change, the proxy address does not), pause, SIGKILL.
+//! port may change, the proxy address does not), pause, SIGKILL, and a
+//! `docker restart` done behind the kit's back.
 //! This binary runs in the `containers` test group, one test at a time.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use cellmon_testkit::backend::Backend;
+use cellmon_testkit::docker::Docker;
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::influx::InfluxClient;
 use redis::AsyncCommands as _;
 use sqlx::{Connection as _, PgConnection};
 
 const PATIENCE: Duration = Duration::from_secs(30);
+/// How soon a backend restarted by hand must answer through its proxy again.
+const FOLLOW_BOUND: Duration = Duration::from_secs(5);
+
+/// `docker restart`, run the way a person would: the real CLI, not the
+/// kit, so nothing tells the proxies.
+async fn docker_restart(id: &str) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new("docker")
+        .args(["restart", id])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "docker restart {id}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn backends_restarted_by_hand_are_reached_through_the_same_proxy_address()
+-> anyhow::Result<()> {
+    let backends = TestBackends::private().await?;
+    let docker = Docker::connect().await?;
+    let stack = &backends.stack;
+    for backend in [&stack.redis, &stack.postgres, &stack.influx] {
+        let kind = backend.kind();
+        let container = backend
+            .container()
+            .expect("private backends own their containers");
+        let before = container.host_port().await?;
+        // A second proxy that knows the container by id only, as each
+        // test's proxies know the run's shared containers.
+        let by_id = Backend::attach_container(
+            &docker,
+            kind,
+            SocketAddr::from(([127, 0, 0, 1], before)),
+            container.id(),
+        )
+        .await?;
+        kind.probe(backend.addr()).await?;
+        kind.probe(by_id.addr()).await?;
+
+        docker_restart(container.id()).await?;
+        let after = container.host_port().await?;
+        assert_ne!(
+            before,
+            after,
+            "{} came back on the same host port: nothing to follow",
+            kind.name()
+        );
+        for proxy in [backend.proxy(), by_id.proxy()] {
+            cellmon_testkit::eventually(FOLLOW_BOUND, || kind.probe(proxy.addr()))
+                .await
+                .map_err(|e| e.context(format!("{} through {}", kind.name(), proxy.addr())))?;
+            assert_eq!(proxy.upstream().port(), after);
+            assert!(proxy.resolutions() >= 1);
+        }
+    }
+    Ok(())
+}
 
 #[tokio::test]
 async fn stopped_and_started_backends_are_reachable_at_the_same_proxy_address() -> anyhow::Result<()>
