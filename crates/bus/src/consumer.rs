@@ -32,10 +32,19 @@
 //! in) keeps killing its consumers, and trying it again would only kill
 //! the next one.
 //!
+//! A read whose reply was lost (Redis restarted or the connection broke
+//! while `XREADGROUP` was in flight) may have delivered entries that this
+//! consumer never saw: they sit in its own pending list, and nobody would
+//! take them over before `claim_idle`. So after any failed read or
+//! acknowledgement the consumer first reads its own pending entries again
+//! (`XREADGROUP` from id 0) until none are left, then goes on with new
+//! ones. Such a re-read counts as a delivery too.
+//!
 //! Groups are created (from the start of the stream) whenever Redis says
 //! they do not exist, which also recreates them after Redis lost its data.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cellmon_domain::envelope::StreamEvent;
@@ -125,6 +134,9 @@ pub struct Consumer {
     /// Where the next `XAUTOCLAIM` scan of each stream continues, so that
     /// a long pending list is walked through rather than only its head.
     claim_cursors: std::sync::Mutex<HashMap<String, String>>,
+    /// A read or acknowledgement failed, so entries may be pending for this
+    /// consumer that it does not hold: read them again before new ones.
+    recover_own: AtomicBool,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -133,6 +145,15 @@ impl std::fmt::Debug for Consumer {
             .field("config", &self.config)
             .finish()
     }
+}
+
+/// Which entries a read asks for.
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    /// Never delivered to any consumer of the group (`>`).
+    New,
+    /// Delivered to this consumer and not acknowledged (from id `0`).
+    Own,
 }
 
 /// The blocking time of one read call; short, so shutdown and reclaiming
@@ -166,6 +187,7 @@ impl Consumer {
             config,
             streams,
             claim_cursors: std::sync::Mutex::new(HashMap::new()),
+            recover_own: AtomicBool::new(false),
         };
         consumer.ensure_groups().await?;
         Ok(consumer)
@@ -229,11 +251,13 @@ impl Consumer {
     }
 
     /// One `XREADGROUP` for about `count` entries over all shards (COUNT
-    /// applies per stream, so it is split between them).
+    /// applies per stream, so it is split between them): new entries, or
+    /// with `Position::Own` this consumer's own pending ones.
     async fn read_once(
         &self,
         block: Option<Duration>,
         count: usize,
+        position: Position,
     ) -> Result<Vec<Entry>, BusError> {
         let per_stream = count.div_ceil(self.streams.len().max(1)).max(1);
         let mut cmd = redis::cmd("XREADGROUP");
@@ -246,12 +270,17 @@ impl Consumer {
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(&self.streams);
+        let id = match position {
+            Position::New => ">",
+            Position::Own => "0",
+        };
         for _ in &self.streams {
-            cmd.arg(">");
+            cmd.arg(id);
         }
         let reply: Option<StreamReadReply> = self
             .with_group(|| self.query(&cmd, block.unwrap_or_default()))
-            .await?;
+            .await
+            .inspect_err(|_| self.recover_own.store(true, Ordering::Release))?;
         let mut entries = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for id in key.ids {
@@ -264,9 +293,20 @@ impl Consumer {
     /// The next batch of new entries: waits up to about half a second for
     /// the first, then gathers more until the batch is full or `batch_wait`
     /// passed. Empty when nothing arrived.
+    /// After a failed read or acknowledgement, the batch is this consumer's
+    /// own pending entries first (see the module docs).
     pub async fn read(&self) -> Result<Vec<Entry>, BusError> {
         let max = self.config.batch_max;
-        let mut batch = self.read_once(Some(READ_BLOCK), max).await?;
+        if self.recover_own.load(Ordering::Acquire) {
+            let own = self.read_once(None, max, Position::Own).await?;
+            if !own.is_empty() {
+                tracing::info!(entries = own.len(), group = %self.config.group,
+                    "reading again entries whose delivery was interrupted");
+                return Ok(own);
+            }
+            self.recover_own.store(false, Ordering::Release);
+        }
+        let mut batch = self.read_once(Some(READ_BLOCK), max, Position::New).await?;
         if batch.is_empty() {
             return Ok(batch);
         }
@@ -276,7 +316,9 @@ impl Consumer {
             if left.is_zero() {
                 break;
             }
-            let more = self.read_once(Some(left), max - batch.len()).await?;
+            let more = self
+                .read_once(Some(left), max - batch.len(), Position::New)
+                .await?;
             if more.is_empty() {
                 break;
             }
@@ -380,10 +422,15 @@ impl Consumer {
         }
         let mut conn = self.conn.clone();
         let limit = self.config.timeout;
-        tokio::time::timeout(limit, pipe.query_async::<Vec<u64>>(&mut conn))
+        let acked = tokio::time::timeout(limit, pipe.query_async::<Vec<u64>>(&mut conn))
             .await
-            .map_err(|_| BusError::Timeout(limit))??;
-        Ok(())
+            .map_err(|_| BusError::Timeout(limit))
+            .and_then(|reply| reply.map_err(BusError::from));
+        if acked.is_err() {
+            // The entries stay pending for this consumer: deliver them again.
+            self.recover_own.store(true, Ordering::Release);
+        }
+        acked.map(drop)
     }
 
     /// Resets the idle time of entries this consumer holds (`XCLAIM` with
