@@ -143,7 +143,8 @@ pub async fn run(spec: FanoutSpec) -> anyhow::Result<FanoutReport> {
     let mut redis = redis::Client::open(spec.redis_url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
-    let keys = cellmon_bus::StreamKeys::new(spec.prefix.clone(), 1);
+    // Live channels and histories only: no event stream is read.
+    let keys = cellmon_bus::StreamKeys::new(spec.prefix.clone(), std::num::NonZeroU16::MIN);
     let mut interval = tokio::time::interval(Duration::from_millis(10));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut published = 0u64;

@@ -3,6 +3,7 @@
 //! e.g. `CELLMON_INGEST_RATE_LIMIT__PER_SECOND=20`).
 
 use std::net::SocketAddr;
+use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ pub struct Config {
     /// Prefix of every Redis key this server writes.
     pub stream_prefix: String,
     /// Number of event streams (shards).
-    pub stream_shards: u16,
+    pub stream_shards: NonZeroU16,
     /// Longest a hand-off to Redis may take before the events are spooled.
     pub redis_timeout_ms: u64,
     /// How often the server checks whether Redis restarted (and whether it
@@ -114,7 +115,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             redis_url: SecretString::from("redis://127.0.0.1:6379/"),
             stream_prefix: "cellmon:".into(),
-            stream_shards: 4,
+            stream_shards: const { NonZeroU16::new(4).unwrap() },
             redis_timeout_ms: 500,
             redis_watch_ms: 1_000,
             max_body_bytes: 1024 * 1024,
@@ -150,9 +151,7 @@ impl Config {
     /// What makes these settings unusable, if anything. Checked once, at
     /// load and by [`crate::serve`], so no use site needs to clamp.
     pub fn problem(&self) -> Option<&'static str> {
-        if self.stream_shards == 0 {
-            Some("stream_shards must be at least 1")
-        } else if self.max_in_flight == 0 {
+        if self.max_in_flight == 0 {
             Some("max_in_flight must be at least 1: with 0 every request would be refused")
         } else if self.rate_limit.per_second == 0 || self.rate_limit.burst == 0 {
             Some("rate_limit.per_second and rate_limit.burst must be at least 1")
@@ -185,7 +184,7 @@ mod tests {
         figment::Jail::expect_with(|_| {
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.redis_url.expose_secret(), "redis://127.0.0.1:6379/");
-            assert_eq!(config.stream_shards, 4);
+            assert_eq!(config.stream_shards.get(), 4);
             Ok(())
         });
     }
@@ -208,7 +207,7 @@ mod tests {
             jail.set_env("CELLMON_INGEST_SPOOL__MAX_BYTES", "1000000");
             let config = Config::load(Some(Path::new("ingest.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(config.redis_url.expose_secret(), "redis://from-file:6379/");
-            assert_eq!(config.stream_shards, 16);
+            assert_eq!(config.stream_shards.get(), 16);
             assert_eq!(config.spool.max_bytes, 1_000_000);
             assert_eq!(config.classes[0].token.expose_secret(), "secret-token");
             // Debug output never shows secrets.

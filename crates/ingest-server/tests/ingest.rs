@@ -526,7 +526,10 @@ async fn ingest_kill() -> anyhow::Result<()> {
     backends.stack.redis.proxy().clear();
     let _child = spawn(port)?;
     wait_live().await?;
-    let keys = StreamKeys::new(backends.redis_prefix(), 4);
+    let keys = StreamKeys::new(
+        backends.redis_prefix(),
+        cellmon_ingest::Config::default().stream_shards,
+    );
     let started = std::time::Instant::now();
     cellmon_testkit::eventually(Duration::from_secs(10), || async {
         let stored: HashSet<String> = stream_events(&backends.redis_url(), &keys)

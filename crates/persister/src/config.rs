@@ -5,6 +5,7 @@
 //! the setting's name, and the binary exits with status 64.
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroUsize};
 use std::path::Path;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ pub struct Config {
     /// Prefix of every Redis key; the ingest server's.
     pub stream_prefix: String,
     /// Number of event streams (shards); the ingest server's.
-    pub stream_shards: u16,
+    pub stream_shards: NonZeroU16,
     /// Longest one Redis call may take (connecting, acknowledging,
     /// reclaiming, publishing live updates, trimming); a read's blocking
     /// wait for new entries comes on top.
@@ -47,7 +48,7 @@ pub struct Config {
     pub influx_token: Option<SecretString>,
     pub influx_timeout_ms: u64,
     /// A batch is written at this many events ...
-    pub batch_max: usize,
+    pub batch_max: NonZeroUsize,
     /// ... or this long after its first event arrived.
     pub batch_wait_ms: u64,
     /// Entries another consumer has held this long unacknowledged are
@@ -81,7 +82,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8082)),
             redis_url: SecretString::from("redis://127.0.0.1:6379/"),
             stream_prefix: "cellmon:".into(),
-            stream_shards: 4,
+            stream_shards: const { NonZeroU16::new(4).unwrap() },
             redis_timeout_ms: 5_000,
             postgres_url: SecretString::from("postgres://postgres@127.0.0.1:5432/cellmon"),
             postgres_max_connections: 8,
@@ -91,7 +92,7 @@ impl Default for Config {
             influx_database: "cellmon".into(),
             influx_token: None,
             influx_timeout_ms: 10_000,
-            batch_max: 2_000,
+            batch_max: const { NonZeroUsize::new(2_000).unwrap() },
             batch_wait_ms: 50,
             claim_idle_ms: 30_000,
             claim_interval_ms: 5_000,
@@ -127,12 +128,8 @@ impl Config {
     /// load and by [`crate::serve`], so no use site needs to clamp.
     pub fn problem(&self) -> Option<&'static str> {
         let zero = |v: u64| v == 0;
-        if self.batch_max == 0 {
-            Some("batch_max must be at least 1: a batch of nothing never persists anything")
-        } else if self.max_deliveries == 0 {
+        if self.max_deliveries == 0 {
             Some("max_deliveries must be at least 1: with 0 every entry would be dead-lettered")
-        } else if self.stream_shards == 0 {
-            Some("stream_shards must be at least 1")
         } else if self.postgres_max_connections == 0 {
             Some("postgres_max_connections must be at least 1")
         } else if [
@@ -198,7 +195,7 @@ mod tests {
             jail.set_env("CELLMON_PERSISTER_REDIS_TIMEOUT_MS", "250");
             let config =
                 Config::load(Some(Path::new("persister.toml"))).map_err(|e| e.to_string())?;
-            assert_eq!(config.batch_max, 700);
+            assert_eq!(config.batch_max.get(), 700);
             assert_eq!(config.redis_timeout_ms, 250);
             assert_eq!(config.max_deliveries, 5);
             assert!(config.postgres_url.expose_secret().contains("hunter2"));
@@ -220,7 +217,8 @@ mod tests {
             figment::Jail::expect_with(|jail| {
                 jail.set_env(format!("CELLMON_PERSISTER_{key}"), value);
                 let error = Config::load(None).expect_err(key);
-                assert!(error.to_string().contains(named), "{key}: {error}");
+                let error = error.to_string().to_lowercase();
+                assert!(error.contains(named), "{key}: {error}");
                 Ok(())
             });
         }

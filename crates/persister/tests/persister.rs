@@ -509,10 +509,16 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
     let ordered = Ingest::start(&ordered_backends, |_| {}).await?;
     let _ordered_persister = Persister::start(&ordered_backends, |_| {}).await?;
     let shuffled = Ingest::start(&shuffled_backends, |_| {}).await?;
-    let _shuffled_persister = Persister::start(&shuffled_backends, |c| c.batch_max = 4).await?;
+    let _shuffled_persister = Persister::start(&shuffled_backends, |c| {
+        c.batch_max = const { std::num::NonZeroUsize::new(4).unwrap() }
+    })
+    .await?;
     // The shuffled deployment has a second persister: two consumers per
     // group, committing the same students' events in parallel.
-    let second = Persister::start(&shuffled_backends, |c| c.batch_max = 4).await?;
+    let second = Persister::start(&shuffled_backends, |c| {
+        c.batch_max = const { std::num::NonZeroUsize::new(4).unwrap() }
+    })
+    .await?;
 
     let start = time::OffsetDateTime::now_utc() - time::Duration::minutes(4);
     let at = |secs: i64| {

@@ -45,7 +45,7 @@ impl Ingest {
         let mut config = Config {
             redis_url: backends.redis_url().into(),
             stream_prefix: backends.redis_prefix().to_owned(),
-            stream_shards: 4,
+            stream_shards: std::num::NonZeroU16::try_from(4)?,
             classes: vec![ClassToken {
                 class_id,
                 token: token.clone().into(),

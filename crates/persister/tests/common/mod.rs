@@ -3,6 +3,7 @@
 //! traffic, and the ledger check against both sinks.
 #![allow(dead_code)]
 
+use std::num::NonZeroU16;
 use std::time::Duration;
 
 use cellmon_bus::StreamKeys;
@@ -12,6 +13,10 @@ use cellmon_persister::Config;
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::server::TestServer;
 use serde_json::{Value, json};
+
+/// The event streams of every test: the ingest server's and the
+/// persister's must agree.
+pub(crate) const SHARDS: NonZeroU16 = NonZeroU16::new(4).unwrap();
 
 #[allow(unused_imports, reason = "not every test binary reads metrics")]
 pub(crate) use cellmon_testkit::server::metric;
@@ -39,7 +44,7 @@ impl Ingest {
         let mut config = cellmon_ingest::Config {
             redis_url: backends.redis_url().into(),
             stream_prefix: backends.redis_prefix().to_owned(),
-            stream_shards: 4,
+            stream_shards: SHARDS,
             classes: vec![ClassToken {
                 class_id,
                 token: token.clone().into(),
@@ -84,7 +89,7 @@ pub(crate) fn persister_config(backends: &TestBackends) -> Config {
     Config {
         redis_url: backends.redis_url().into(),
         stream_prefix: backends.redis_prefix().to_owned(),
-        stream_shards: 4,
+        stream_shards: SHARDS,
         postgres_url: backends.pg_url().into(),
         influx_url: backends.influx_url(),
         influx_database: backends.influx_database().to_owned(),
@@ -248,7 +253,7 @@ pub(crate) async fn verified(
     if !first.passes() {
         return Ok(first);
     }
-    let keys = StreamKeys::new(backends.redis_prefix(), 4);
+    let keys = StreamKeys::new(backends.redis_prefix(), SHARDS);
     let redis = redis::Client::open(backends.redis_url())?;
     let mut conn = redis::aio::ConnectionManager::new(redis).await?;
     loop {
