@@ -69,7 +69,6 @@ impl LocalSystem {
         let database_url = cellmon_testkit::pg::with_database(&stack.postgres.url(), "cellmon");
         create_database(&stack.postgres.url(), "cellmon").await?;
         let mut config = cellmon_ingest::Config {
-            redis_url: stack.redis.url().into(),
             classes: vec![ClassToken {
                 class_id,
                 token: token.clone().into(),
@@ -77,6 +76,7 @@ impl LocalSystem {
             open_class: Some(class_id),
             ..cellmon_ingest::Config::default()
         };
+        config.redis.url = stack.redis.url().into();
         config.spool.dir = spool_dir.clone();
         let persister_config = cellmon_persister::Config {
             redis_url: stack.redis.url().into(),

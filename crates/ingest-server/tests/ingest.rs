@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use cellmon_bus::StreamKeys;
 use cellmon_domain::lms::ClassId;
-use cellmon_ingest::config::RateLimit;
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::proxy::Fault;
 use serde_json::{Value, json};
@@ -16,15 +15,12 @@ use serde_json::{Value, json};
 mod common;
 
 use common::{
-    Ingest, assert_stored_exactly, cell_executed, load, metric, post, stream_events, uuid,
+    Ingest, assert_stored_exactly, cell_executed, limit, load, metric, post, stream_events, uuid,
 };
 
 /// No rate limit: for tests that send more than a classroom would.
 fn unlimited(config: &mut cellmon_ingest::Config) {
-    config.rate_limit = RateLimit {
-        per_second: 100_000,
-        burst: 100_000,
-    };
+    config.rate_limit = limit(100_000, 100_000);
 }
 
 #[tokio::test]
@@ -284,10 +280,7 @@ async fn bad_input() -> anyhow::Result<()> {
 async fn rate_limit() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let ingest = Ingest::start(&backends, |c| {
-        c.rate_limit = RateLimit {
-            per_second: 2,
-            burst: 5,
-        }
+        c.rate_limit = limit(2, 5);
     })
     .await?;
     let noisy = reqwest::Client::new();
@@ -333,7 +326,7 @@ async fn rate_limit() -> anyhow::Result<()> {
 #[tokio::test]
 async fn redis_down_or_hung_events_are_spooled_then_replayed() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, |c| c.redis_timeout_ms = 300).await?;
+    let ingest = Ingest::start(&backends, |c| c.redis.timeout = Duration::from_millis(300)).await?;
     let http = reqwest::Client::new();
     let proxy = backends.stack.redis.proxy();
 
@@ -376,7 +369,7 @@ async fn redis_down_or_hung_events_are_spooled_then_replayed() -> anyhow::Result
 async fn spool_full() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let ingest = Ingest::start(&backends, |c| {
-        c.redis_timeout_ms = 200;
+        c.redis.timeout = Duration::from_millis(200);
         // Room for about 15 of these events.
         c.spool.max_bytes = 10 * 1024;
     })
@@ -434,8 +427,8 @@ async fn spool_corrupt() -> anyhow::Result<()> {
     let spool_dir = tempfile::tempdir()?;
     // A server spools 30 events while Redis is down, then stops.
     let mut first = Ingest::start_with_spool(&backends, spool_dir.path(), |c| {
-        c.redis_timeout_ms = 200;
-        c.spool.drain_on_shutdown_ms = 0;
+        c.redis.timeout = Duration::from_millis(200);
+        c.spool.drain_on_shutdown = Duration::ZERO;
     })
     .await?;
     backends.stack.redis.proxy().set_fault(Fault::Down);
@@ -489,11 +482,11 @@ async fn ingest_kill() -> anyhow::Result<()> {
     let spawn = |port: u16| -> anyhow::Result<tokio::process::Child> {
         Ok(
             tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
-                .env("CELLMON_INGEST_LISTEN", format!("127.0.0.1:{port}"))
-                .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
-                .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
+                .env("CELLMON_INGEST_LISTEN__ADDR", format!("127.0.0.1:{port}"))
+                .env("CELLMON_INGEST_REDIS__URL", backends.redis_url())
+                .env("CELLMON_INGEST_REDIS__PREFIX", backends.redis_prefix())
                 .env("CELLMON_INGEST_OPEN_CLASS", class.to_string())
-                .env("CELLMON_INGEST_REDIS_TIMEOUT_MS", "200")
+                .env("CELLMON_INGEST_REDIS__TIMEOUT", "200ms")
                 .env("CELLMON_INGEST_SPOOL__DIR", spool_dir.path())
                 .env("RUST_LOG", "warn")
                 .kill_on_drop(true)
@@ -628,9 +621,9 @@ async fn a_second_server_on_a_locked_spool_exits_64() -> anyhow::Result<()> {
     let mut first = Ingest::start_with_spool(&backends, spool_dir.path(), |_| {}).await?;
     let run_second = || {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
-            .env("CELLMON_INGEST_LISTEN", "127.0.0.1:0")
-            .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
-            .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
+            .env("CELLMON_INGEST_LISTEN__ADDR", "127.0.0.1:0")
+            .env("CELLMON_INGEST_REDIS__URL", backends.redis_url())
+            .env("CELLMON_INGEST_REDIS__PREFIX", backends.redis_prefix())
             .env("CELLMON_INGEST_SPOOL__DIR", spool_dir.path())
             .env("RUST_LOG", "error")
             .kill_on_drop(true)

@@ -72,7 +72,10 @@ async fn ten_thousand_events_from_100_students_agree() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dup_storm() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, |config| config.redis_timeout_ms = 300).await?;
+    let ingest = Ingest::start(&backends, |config| {
+        config.redis.timeout = Duration::from_millis(300)
+    })
+    .await?;
     let persister = Persister::start(&backends, |_| {}).await?;
     let events: Vec<Value> = (0..600).map(|n| classroom_event(n % 30, n)).collect();
     let mut ledger = Ledger::new();

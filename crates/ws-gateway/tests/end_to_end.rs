@@ -27,16 +27,16 @@ async fn ingest(
 ) -> anyhow::Result<Ingest> {
     let spool = tempfile::tempdir()?;
     let mut config = cellmon_ingest::Config {
-        redis_url: backends.redis_url().into(),
-        stream_prefix: backends.redis_prefix().to_owned(),
         classes: vec![ClassToken {
             class_id: class,
             token: token.to_owned().into(),
         }],
         ..cellmon_ingest::Config::default()
     };
+    config.redis.url = backends.redis_url().into();
+    config.redis.prefix = backends.redis_prefix().to_owned();
+    config.redis.timeout = Duration::from_secs(10);
     config.spool.dir = spool.path().to_owned();
-    config.redis_timeout_ms = 10_000;
     let server = TestServer::start("ingest server", |listener, shutdown| {
         cellmon_ingest::serve(config, listener, shutdown)
     })

@@ -3,13 +3,14 @@
 //! traffic, and the ledger check against both sinks.
 #![allow(dead_code)]
 
-use std::num::NonZeroU16;
+use std::num::{NonZeroU16, NonZeroU32};
 use std::time::Duration;
 
 use cellmon_bus::StreamKeys;
 use cellmon_domain::lms::ClassId;
 use cellmon_ingest::config::ClassToken;
 use cellmon_persister::Config;
+use cellmon_service::RedisSettings;
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::server::TestServer;
 use serde_json::{Value, json};
@@ -42,23 +43,25 @@ impl Ingest {
         let class_id = ClassId::random();
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         let mut config = cellmon_ingest::Config {
-            redis_url: backends.redis_url().into(),
-            stream_prefix: backends.redis_prefix().to_owned(),
+            redis: RedisSettings {
+                url: backends.redis_url().into(),
+                prefix: backends.redis_prefix().to_owned(),
+                // Not to spool because a shared CI machine was slow for a
+                // moment; tests that want the spool set a short timeout.
+                timeout: Duration::from_secs(10),
+            },
             stream_shards: SHARDS,
             classes: vec![ClassToken {
                 class_id,
                 token: token.clone().into(),
             }],
-            // Not to spool because a shared CI machine was slow for a
-            // moment; tests that want the spool set a short timeout.
-            redis_timeout_ms: 10_000,
             ..cellmon_ingest::Config::default()
         };
-        config.rate_limit.per_second = 1_000_000;
-        config.rate_limit.burst = 1_000_000;
+        config.rate_limit.per_second = const { NonZeroU32::new(1_000_000).unwrap() };
+        config.rate_limit.burst = const { NonZeroU32::new(1_000_000).unwrap() };
         config.spool.dir = spool.path().to_owned();
         tune(&mut config);
-        let keys = StreamKeys::new(config.stream_prefix.clone(), config.stream_shards);
+        let keys = StreamKeys::new(config.redis.prefix.clone(), config.stream_shards);
         let server = TestServer::start("ingest server", |listener, shutdown| {
             cellmon_ingest::serve(config, listener, shutdown)
         })
