@@ -78,13 +78,11 @@ impl LocalSystem {
         };
         config.redis.url = stack.redis.url().into();
         config.spool.dir = spool_dir.clone();
-        let persister_config = cellmon_persister::Config {
-            redis_url: stack.redis.url().into(),
-            postgres_url: database_url.clone().into(),
-            influx_url: stack.influx.url(),
-            influx_database: "cellmon".into(),
-            ..cellmon_persister::Config::default()
-        };
+        let mut persister_config = cellmon_persister::Config::default();
+        persister_config.redis.url = stack.redis.url().into();
+        persister_config.postgres.url = database_url.clone().into();
+        persister_config.influx.url = stack.influx.url();
+        persister_config.influx.database = "cellmon".into();
         // The schema first: the gateway reads it from its first request on.
         let pool = cellmon_store::pg::pool(&cellmon_store::pg::PgConfig {
             url: database_url.clone(),

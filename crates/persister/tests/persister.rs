@@ -321,20 +321,23 @@ impl PersisterProcess {
             .local_addr()?
             .port();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
-            .env("CELLMON_PERSISTER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("CELLMON_PERSISTER_REDIS_URL", backends.redis_url())
-            .env("CELLMON_PERSISTER_STREAM_PREFIX", backends.redis_prefix())
-            .env("CELLMON_PERSISTER_REDIS_TIMEOUT_MS", "3000")
-            .env("CELLMON_PERSISTER_POSTGRES_URL", backends.pg_url())
-            .env("CELLMON_PERSISTER_POSTGRES_TIMEOUT_MS", "30000")
-            .env("CELLMON_PERSISTER_INFLUX_URL", backends.influx_url())
             .env(
-                "CELLMON_PERSISTER_INFLUX_DATABASE",
+                "CELLMON_PERSISTER_LISTEN__ADDR",
+                format!("127.0.0.1:{port}"),
+            )
+            .env("CELLMON_PERSISTER_REDIS__URL", backends.redis_url())
+            .env("CELLMON_PERSISTER_REDIS__PREFIX", backends.redis_prefix())
+            .env("CELLMON_PERSISTER_REDIS__TIMEOUT", "3s")
+            .env("CELLMON_PERSISTER_POSTGRES__URL", backends.pg_url())
+            .env("CELLMON_PERSISTER_POSTGRES__TIMEOUT", "30s")
+            .env("CELLMON_PERSISTER_INFLUX__URL", backends.influx_url())
+            .env(
+                "CELLMON_PERSISTER_INFLUX__DATABASE",
                 backends.influx_database(),
             )
-            .env("CELLMON_PERSISTER_BATCH_WAIT_MS", "20")
-            .env("CELLMON_PERSISTER_CLAIM_IDLE_MS", "1000")
-            .env("CELLMON_PERSISTER_CLAIM_INTERVAL_MS", "250")
+            .env("CELLMON_PERSISTER_BATCH_WAIT", "20ms")
+            .env("CELLMON_PERSISTER_CLAIM_IDLE", "1s")
+            .env("CELLMON_PERSISTER_CLAIM_INTERVAL", "250ms")
             .env(
                 "RUST_LOG",
                 std::env::var("PERSISTER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -671,10 +674,10 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
 async fn a_persister_that_cannot_run_stops_the_process() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
-        .env("CELLMON_PERSISTER_LISTEN", "127.0.0.1:0")
-        .env("CELLMON_PERSISTER_REDIS_URL", backends.redis_url())
-        .env("CELLMON_PERSISTER_STREAM_PREFIX", backends.redis_prefix())
-        .env("CELLMON_PERSISTER_POSTGRES_URL", "not a url")
+        .env("CELLMON_PERSISTER_LISTEN__ADDR", "127.0.0.1:0")
+        .env("CELLMON_PERSISTER_REDIS__URL", backends.redis_url())
+        .env("CELLMON_PERSISTER_REDIS__PREFIX", backends.redis_prefix())
+        .env("CELLMON_PERSISTER_POSTGRES__URL", "not a url")
         .env("RUST_LOG", "error")
         .kill_on_drop(true)
         .output();
@@ -715,7 +718,8 @@ async fn retries_without_event_time_are_one_event() -> anyhow::Result<()> {
 async fn a_student_who_stops_goes_idle_on_the_live_channel() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let ingest = Ingest::start(&backends, |_| {}).await?;
-    let persister = Persister::start(&backends, |c| c.status_sweep_ms = 300).await?;
+    let persister =
+        Persister::start(&backends, |c| c.status_sweep = Duration::from_millis(300)).await?;
     let now =
         time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
     let event = serde_json::json!({
@@ -839,7 +843,7 @@ async fn a_persister_with_an_unusable_setting_exits_64() -> anyhow::Result<()> {
         ("CELLMON_PERSISTER_MAX_DELIVERIES", "0", "max_deliveries"),
     ] {
         let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
-            .env("CELLMON_PERSISTER_LISTEN", "127.0.0.1:0")
+            .env("CELLMON_PERSISTER_LISTEN__ADDR", "127.0.0.1:0")
             .env(key, value)
             .kill_on_drop(true)
             .output();

@@ -10,7 +10,7 @@ use cellmon_bus::StreamKeys;
 use cellmon_domain::lms::ClassId;
 use cellmon_ingest::config::ClassToken;
 use cellmon_persister::Config;
-use cellmon_service::RedisSettings;
+use cellmon_service::{InfluxSettings, PostgresSettings, RedisSettings};
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::server::TestServer;
 use serde_json::{Value, json};
@@ -89,22 +89,31 @@ impl Ingest {
 /// database and Redis prefix, with short timings so faults resolve
 /// quickly.
 pub(crate) fn persister_config(backends: &TestBackends) -> Config {
+    let timeout = Duration::from_secs(3);
     Config {
-        redis_url: backends.redis_url().into(),
-        stream_prefix: backends.redis_prefix().to_owned(),
+        redis: RedisSettings {
+            url: backends.redis_url().into(),
+            prefix: backends.redis_prefix().to_owned(),
+            timeout,
+        },
         stream_shards: SHARDS,
-        postgres_url: backends.pg_url().into(),
-        influx_url: backends.influx_url(),
-        influx_database: backends.influx_database().to_owned(),
-        redis_timeout_ms: 3_000,
-        postgres_timeout_ms: 3_000,
-        influx_timeout_ms: 3_000,
-        batch_wait_ms: 20,
-        claim_idle_ms: 1_000,
-        claim_interval_ms: 250,
-        retry_initial_ms: 20,
-        retry_max_ms: 500,
-        trim_interval_ms: 200,
+        postgres: PostgresSettings {
+            url: backends.pg_url().into(),
+            timeout,
+            ..PostgresSettings::default()
+        },
+        influx: InfluxSettings {
+            url: backends.influx_url(),
+            database: backends.influx_database().to_owned(),
+            timeout,
+            ..InfluxSettings::default()
+        },
+        batch_wait: Duration::from_millis(20),
+        claim_idle: Duration::from_secs(1),
+        claim_interval: Duration::from_millis(250),
+        retry_initial: Duration::from_millis(20),
+        retry_max: Duration::from_millis(500),
+        trim_interval: Duration::from_millis(200),
         ..Config::default()
     }
 }
