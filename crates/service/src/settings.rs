@@ -52,30 +52,20 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
 /// [`Settings::default`], then `file` when given, then the environment;
 /// then [`Settings::validate`].
 pub fn load<S: Settings>(file: Option<&Path>) -> Result<S, ConfigError> {
-    let settings = load_config(S::default(), file, S::ENV_PREFIX, S::NOT_SETTINGS)
-        .map_err(|error| ConfigError::unreadable(error, file))?;
-    settings.validate()?;
-    Ok(settings)
-}
-
-/// `defaults`, then `file` when given, then the variables starting with
-/// `env_prefix` except the `ignored` ones (lower case, without the prefix),
-/// without validation. Prefer [`load`]; this remains for configurations
-/// that do not implement [`Settings`] yet.
-pub fn load_config<T: Serialize + DeserializeOwned>(
-    defaults: T,
-    file: Option<&Path>,
-    env_prefix: &str,
-    ignored: &[&str],
-) -> Result<T, Box<figment::Error>> {
-    let mut figment = Figment::from(Serialized::defaults(defaults));
+    let mut figment = Figment::from(Serialized::defaults(S::default()));
     if let Some(file) = file {
         figment = figment.merge(Toml::file_exact(file));
     }
-    figment
-        .merge(Env::prefixed(env_prefix).ignore(ignored).split("__"))
+    let settings: S = figment
+        .merge(
+            Env::prefixed(S::ENV_PREFIX)
+                .ignore(S::NOT_SETTINGS)
+                .split("__"),
+        )
         .extract()
-        .map_err(Box::new)
+        .map_err(|error| ConfigError::unreadable(Box::new(error), file))?;
+    settings.validate()?;
+    Ok(settings)
 }
 
 /// One setting that cannot be used: its dotted key and why.
@@ -137,12 +127,6 @@ impl ConfigError {
             Self::Unreadable { problems, .. } => problems,
             Self::Invalid(invalid) => std::slice::from_ref(invalid),
         }
-    }
-}
-
-impl From<Box<figment::Error>> for ConfigError {
-    fn from(error: Box<figment::Error>) -> Self {
-        Self::unreadable(error, None)
     }
 }
 
