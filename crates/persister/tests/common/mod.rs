@@ -221,11 +221,15 @@ pub(crate) async fn send_all(
 ) -> anyhow::Result<()> {
     use cellmon_testkit::verify::Outcome;
     use futures_util::StreamExt as _;
+    anyhow::ensure!(
+        per_request > 0 && concurrency > 0,
+        "send_all sends at least one event per request, one request at a time"
+    );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
     let results: Vec<(Vec<uuid::Uuid>, Outcome)> =
-        futures_util::stream::iter(events.chunks(per_request.max(1)))
+        futures_util::stream::iter(events.chunks(per_request))
             .map(|chunk| {
                 let http = http.clone();
                 let ids = event_ids(chunk);
@@ -239,7 +243,7 @@ pub(crate) async fn send_all(
                     (ids, outcome)
                 }
             })
-            .buffer_unordered(concurrency.max(1))
+            .buffer_unordered(concurrency)
             .collect()
             .await;
     for (ids, outcome) in results {
