@@ -619,21 +619,23 @@ async fn a_second_server_on_a_locked_spool_exits_64() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let spool_dir = tempfile::tempdir()?;
     let mut first = Ingest::start_with_spool(&backends, spool_dir.path(), |_| {}).await?;
-    let run_second = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
-            .env("CELLMON_INGEST_LISTEN__ADDR", "127.0.0.1:0")
-            .env("CELLMON_INGEST_REDIS__URL", backends.redis_url())
-            .env("CELLMON_INGEST_REDIS__PREFIX", backends.redis_prefix())
-            .env("CELLMON_INGEST_SPOOL__DIR", spool_dir.path())
-            .env("RUST_LOG", "error")
-            .kill_on_drop(true)
-            .output()
-    };
-    let output = tokio::time::timeout(Duration::from_secs(30), run_second()).await??;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    let (redis_url, dir) = (backends.redis_url(), spool_dir.path().display().to_string());
+    let stderr = cellmon_testkit::process::refused_config(
+        std::path::Path::new(env!("CARGO_BIN_EXE_ingest-server")),
+        "CELLMON_INGEST_",
+        &[
+            ("CELLMON_INGEST_LISTEN__ADDR", "127.0.0.1:0"),
+            ("CELLMON_INGEST_REDIS__URL", &redis_url),
+            ("CELLMON_INGEST_REDIS__PREFIX", backends.redis_prefix()),
+            ("CELLMON_INGEST_SPOOL__DIR", &dir),
+            ("RUST_LOG", "error"),
+        ],
+    )
+    .await?;
     assert!(
-        stderr.contains(&spool_dir.path().display().to_string()) && stderr.contains("in use"),
+        stderr.contains("ingest-server: bad configuration: the setting `spool.dir` cannot be used")
+            && stderr.contains(&dir)
+            && stderr.contains("in use"),
         "{stderr}"
     );
     // The first one is unaffected.
