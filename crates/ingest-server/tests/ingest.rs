@@ -146,68 +146,18 @@ async fn raw(
     Ok((status, response.json().await?))
 }
 
+/// BAD-INPUT against the real hand-off: the refusals themselves, each
+/// status and code of `docs/ingest.md`, are the in-process table of
+/// `tests/requests.rs`; here the accepted items of a mixed batch, and only
+/// they, reach the stream exactly once, and the server stays fine.
 #[tokio::test]
 async fn bad_input() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let ingest = Ingest::start(&backends, unlimited).await?;
     let http = reqwest::Client::new();
     let url = ingest.events_url();
-    let code_of = |body: &Value| {
-        body["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    };
-
-    // Over the encoded limit.
-    let (status, body) = raw(&http, &url, vec![b' '; 2 * 1024 * 1024], None).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (413, "too_large".into()),
-        "{body}"
-    );
-    // 10,000-deep JSON.
-    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-    let (status, body) = raw(&http, &url, deep.into_bytes(), None).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (400, "bad_request".into()),
-        "{body}"
-    );
-    // A gzip bomb: 64 MB of zeros in a few kilobytes.
-    let bomb = gzip(&vec![b'0'; 64 * 1024 * 1024])?;
-    assert!(bomb.len() < 1024 * 1024);
-    let (status, body) = raw(&http, &url, bomb, Some("gzip")).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (413, "too_large".into()),
-        "{body}"
-    );
-    // Invalid UTF-8.
-    let (status, body) = raw(&http, &url, b"[{\"userName\":\"\xff\xfe\"}]".to_vec(), None).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (400, "malformed_json".into()),
-        "{body}"
-    );
-    // Unknown encoding.
-    let (status, body) = raw(&http, &url, b"[]".to_vec(), Some("br")).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (415, "unsupported_encoding".into()),
-        "{body}"
-    );
-    // No token, wrong token.
     let no_token = format!("{}/api/v1/events", ingest.url);
-    let (status, body) = post(&http, &no_token, &json!([cell_executed("a@b.jp", 1)])).await?;
-    assert_eq!((status, code_of(&body)), (401, "unauthorized".into()));
-    let (status, _) = post(
-        &http,
-        &format!("{no_token}?token=nope"),
-        &json!([cell_executed("a@b.jp", 1)]),
-    )
-    .await?;
-    assert_eq!(status, 401);
+
     // A repeated or odd query string: the first token counts.
     let odd = format!("{no_token}?token={}&token=x&%zz", ingest.token);
     let (status, body) = post(&http, &odd, &json!([cell_executed("a@b.jp", 1)])).await?;
@@ -252,15 +202,6 @@ async fn bad_input() -> anyhow::Result<()> {
     assert_eq!(rejected, vec![1, 2, 3, 4], "{body}");
     assert_eq!(body["rejected"][2]["field"], "code");
     assert_eq!(body["rejected"][3]["field"], "emailAddress");
-
-    // Nothing valid: 422 with the reasons.
-    let (status, body) = post(&http, &url, &json!([{ "eventType": "help" }])).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (422, "nothing_valid".into()),
-        "{body}"
-    );
-    assert_eq!(body["rejected"][0]["field"], "emailAddress");
 
     // The server is still fine, and exactly the acknowledged events were
     // stored (compared as sets, eventually: under a loaded machine a slow
