@@ -44,6 +44,7 @@
 //! they do not exist, which also recreates them after Redis lost its data.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -67,8 +68,8 @@ pub struct ConsumerConfig {
     /// Unique per process (and per sink task).
     pub consumer: String,
     /// A batch ends at about this many entries (at most one more per
-    /// shard) ...
-    pub batch_max: usize,
+    /// shard) ... Not 0: Redis reads without a limit at `COUNT 0`.
+    pub batch_max: NonZeroUsize,
     /// ... or this long after its first entry arrived, whichever is first.
     pub batch_wait: Duration,
     /// An entry pending this long with another consumer is reclaimed.
@@ -251,15 +252,17 @@ impl Consumer {
     }
 
     /// One `XREADGROUP` for about `count` entries over all shards (COUNT
-    /// applies per stream, so it is split between them): new entries, or
-    /// with `Position::Own` this consumer's own pending ones.
+    /// applies per stream, so it is split between them, rounding up: each
+    /// stream's COUNT is at least 1): new entries, or with `Position::Own`
+    /// this consumer's own pending ones.
     async fn read_once(
         &self,
         block: Option<Duration>,
-        count: usize,
+        count: NonZeroUsize,
         position: Position,
     ) -> Result<Vec<Entry>, BusError> {
-        let per_stream = count.div_ceil(self.streams.len().max(1)).max(1);
+        // There is a stream per shard, and at least one shard.
+        let per_stream = count.get().div_ceil(self.streams.len());
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.config.group)
@@ -267,6 +270,8 @@ impl Consumer {
             .arg("COUNT")
             .arg(per_stream);
         if let Some(block) = block {
+            // BLOCK is in whole milliseconds and 0 blocks forever: the last
+            // microseconds of a batch's wait round up to 1 ms, not to never.
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(&self.streams);
@@ -311,14 +316,13 @@ impl Consumer {
             return Ok(batch);
         }
         let deadline = Instant::now() + self.config.batch_wait;
-        while batch.len() < max {
+        // A read may bring one entry more per shard than asked for.
+        while let Some(room) = NonZeroUsize::new(max.get().saturating_sub(batch.len())) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            let more = self
-                .read_once(Some(left), max - batch.len(), Position::New)
-                .await?;
+            let more = self.read_once(Some(left), room, Position::New).await?;
             if more.is_empty() {
                 break;
             }
@@ -335,7 +339,11 @@ impl Consumer {
         let mut claimed = Claimed::default();
         let idle = self.config.claim_idle.as_millis() as u64;
         for stream in &self.streams {
-            let room = self.config.batch_max.saturating_sub(claimed.entries.len());
+            let room = self
+                .config
+                .batch_max
+                .get()
+                .saturating_sub(claimed.entries.len());
             if room == 0 {
                 break;
             }

@@ -1,5 +1,7 @@
 //! Stream key names and sharding.
 
+use std::num::{NonZeroU16, NonZeroU64};
+
 use cellmon_domain::event::StudentKey;
 use cellmon_domain::lms::ClassId;
 
@@ -7,21 +9,22 @@ use cellmon_domain::lms::ClassId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamKeys {
     prefix: String,
-    shards: u16,
+    shards: NonZeroU16,
 }
 
 impl StreamKeys {
     /// `prefix` is prepended to every key (e.g. `cellmon:`); `shards` is the
-    /// number of event streams (at least 1).
-    pub fn new(prefix: impl Into<String>, shards: u16) -> Self {
+    /// number of event streams. The binaries' `stream_shards` setting has
+    /// the same type, so a 0 is refused where it is written.
+    pub fn new(prefix: impl Into<String>, shards: NonZeroU16) -> Self {
         Self {
             prefix: prefix.into(),
-            shards: shards.max(1),
+            shards,
         }
     }
 
     pub fn shards(&self) -> u16 {
-        self.shards
+        self.shards.get()
     }
 
     /// The events stream of `shard`, with the shard as a hash tag.
@@ -74,7 +77,7 @@ impl StreamKeys {
 
     /// Every events stream, in shard order.
     pub fn all_events(&self) -> impl Iterator<Item = String> + '_ {
-        (0..self.shards).map(|shard| self.events(shard))
+        (0..self.shards.get()).map(|shard| self.events(shard))
     }
 
     /// The shard of a student: stable across processes and versions, so a
@@ -83,7 +86,8 @@ impl StreamKeys {
         let mut hash = Fnv1a::new();
         hash.write(class.0.as_bytes());
         hash.write(student.to_string().as_bytes());
-        (hash.finish() % u64::from(self.shards)) as u16
+        // Below `shards`, so it fits.
+        (hash.finish() % NonZeroU64::from(self.shards)) as u16
     }
 }
 
@@ -114,16 +118,20 @@ mod tests {
 
     use super::*;
 
+    fn shards(n: u16) -> NonZeroU16 {
+        NonZeroU16::new(n).expect("a test's shard count is not 0")
+    }
+
     #[test]
     fn keys_carry_the_shard_as_a_hash_tag() {
-        let keys = StreamKeys::new("cellmon:", 4);
+        let keys = StreamKeys::new("cellmon:", shards(4));
         assert_eq!(keys.events(3), "cellmon:events:{3}");
         assert_eq!(keys.all_events().count(), 4);
     }
 
     #[test]
     fn a_student_always_maps_to_the_same_shard() {
-        let keys = StreamKeys::new("p:", 8);
+        let keys = StreamKeys::new("p:", shards(8));
         let class = ClassId(Uuid::from_u128(1));
         let student = StudentKey::Email(Email::parse("hanako@example.ac.jp").unwrap());
         let shard = keys.shard_for(class, &student);
@@ -134,7 +142,7 @@ mod tests {
 
     #[test]
     fn students_spread_over_shards() {
-        let keys = StreamKeys::new("p:", 4);
+        let keys = StreamKeys::new("p:", shards(4));
         let class = ClassId(Uuid::from_u128(1));
         let mut seen = [0u32; 4];
         for i in 0..400 {
@@ -145,7 +153,11 @@ mod tests {
     }
 
     #[test]
-    fn zero_shards_means_one() {
-        assert_eq!(StreamKeys::new("p:", 0).shards(), 1);
+    fn one_shard_is_one_stream() {
+        let keys = StreamKeys::new("p:", NonZeroU16::MIN);
+        assert_eq!(keys.all_events().collect::<Vec<_>>(), ["p:events:{0}"]);
+        let class = ClassId(Uuid::from_u128(1));
+        let student = StudentKey::Email(Email::parse("hanako@example.ac.jp").unwrap());
+        assert_eq!(keys.shard_for(class, &student), 0);
     }
 }

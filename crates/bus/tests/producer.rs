@@ -1,6 +1,7 @@
 //! The producer against a real Redis, through the harness's proxy.
 
 use std::collections::HashSet;
+use std::num::NonZeroU16;
 use std::time::Duration;
 
 use cellmon_bus::codec;
@@ -38,7 +39,7 @@ fn events(class: ClassId, students: usize, per_student: usize) -> Vec<StreamEven
 
 async fn producer(backends: &TestBackends, timeout: Duration) -> anyhow::Result<Producer> {
     let config = ProducerConfig {
-        keys: StreamKeys::new(backends.redis_prefix(), 4),
+        keys: StreamKeys::new(backends.redis_prefix(), NonZeroU16::try_from(4)?),
         timeout,
     };
     Ok(Producer::connect(&backends.redis_url(), config).await?)

@@ -188,6 +188,7 @@ fn distinct_events() -> impl Strategy<Value = Vec<ActivityEvent>> {
 
 fn actions(events: &[ActivityEvent], pick: &[usize]) -> Vec<InstructorAction> {
     pick.iter()
+        // Of no events, `get` picks none; the max only keeps `%` off 0.
         .filter_map(|&i| events.get(i % events.len().max(1)))
         .map(|e| match &e.activity {
             Activity::Execution { cell, .. } => InstructorAction::ResolveError {

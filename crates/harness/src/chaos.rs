@@ -67,10 +67,8 @@ impl Scenario {
     pub fn targets(self) -> Targets {
         let mut targets = Targets::default();
         if self == Self::RedisHang {
-            targets.p95_ms = cellmon_ingest::Config::default()
-                .redis_timeout()
-                .as_millis() as f64
-                + 100.0;
+            targets.p95_ms =
+                cellmon_ingest::Config::default().redis.timeout.as_millis() as f64 + 100.0;
         }
         targets
     }

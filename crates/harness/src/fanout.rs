@@ -37,7 +37,8 @@ pub struct FanoutSpec {
     /// The gateway's JWT secret (to sign the benchmark instructor's token).
     pub jwt_secret: String,
     pub sockets: usize,
-    /// Live messages per second (0: only open the sockets and hold them).
+    /// Live messages per second (0: only open the sockets and hold them), in
+    /// ticks of 10 ms: 0 or a multiple of 100.
     pub rate: u32,
     pub duration: Duration,
     /// The gateway's process, for its memory.
@@ -83,7 +84,18 @@ fn offset_of(text: &str) -> Option<u64> {
     text[start..end].parse().ok()
 }
 
+/// Messages go out once per 10 ms tick, `rate / 100` at a time.
+const TICKS_PER_SECOND: u32 = 100;
+
 pub async fn run(spec: FanoutSpec) -> anyhow::Result<FanoutReport> {
+    // Checked before anything starts, rather than rounded: a rate that
+    // ticks cannot carry would publish at another rate than asked.
+    anyhow::ensure!(
+        spec.rate.is_multiple_of(TICKS_PER_SECOND),
+        "rate (--rate) must be 0 or a multiple of {TICKS_PER_SECOND}: messages go out in \
+         10 ms ticks of rate/{TICKS_PER_SECOND}, not {}",
+        spec.rate
+    );
     let pool = cellmon_store::pg::pool(&cellmon_store::pg::PgConfig {
         url: spec.postgres_url.clone(),
         max_connections: 2,
@@ -126,7 +138,7 @@ pub async fn run(spec: FanoutSpec) -> anyhow::Result<FanoutReport> {
     let rss_idle = rss(spec.gateway_pid);
 
     // Publication times by offset (from 1), as nanoseconds since `epoch`.
-    let per_tick = (spec.rate / 100).max(1);
+    let per_tick = spec.rate / TICKS_PER_SECOND;
     let ticks = if spec.rate == 0 {
         0
     } else {
@@ -143,7 +155,8 @@ pub async fn run(spec: FanoutSpec) -> anyhow::Result<FanoutReport> {
     let mut redis = redis::Client::open(spec.redis_url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
-    let keys = cellmon_bus::StreamKeys::new(spec.prefix.clone(), 1);
+    // Live channels and histories only: no event stream is read.
+    let keys = cellmon_bus::StreamKeys::new(spec.prefix.clone(), std::num::NonZeroU16::MIN);
     let mut interval = tokio::time::interval(Duration::from_millis(10));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut published = 0u64;

@@ -107,8 +107,8 @@ enum Cmd {
         jwt_secret: String,
         #[arg(long, default_value_t = 100)]
         sockets: usize,
-        /// Live messages per second (0: open the sockets, hold, measure
-        /// memory).
+        /// Live messages per second, a multiple of 100 (they go out in
+        /// 10 ms ticks); 0: open the sockets, hold, measure memory.
         #[arg(long, default_value_t = 1000)]
         rate: u32,
         /// Seconds to publish.
@@ -559,7 +559,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(rate > 0.0, "--rate must be positive");
             vec![PhaseSpec::Rate {
                 events_per_s: rate,
-                students: args.rate_students.max(1),
+                students: args.rate_students,
             }]
         }
         None => {

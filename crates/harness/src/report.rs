@@ -645,7 +645,9 @@ fn throughput_chart(report: &Report) -> anyhow::Result<String> {
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
+        // An empty timeline still spans a second of axis.
         let seconds = report.timeline.len().max(1) as f64;
+        // A run that sent nothing still gets a y axis of 1 event/s.
         let y_max = report
             .timeline
             .iter()
@@ -686,6 +688,7 @@ fn latency_chart(report: &Report) -> anyhow::Result<String> {
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
+        // A report without phases still has one slot of axis.
         let phases = report.phases.len().max(1);
         let highest = report
             .phases

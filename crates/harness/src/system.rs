@@ -69,7 +69,6 @@ impl LocalSystem {
         let database_url = cellmon_testkit::pg::with_database(&stack.postgres.url(), "cellmon");
         create_database(&stack.postgres.url(), "cellmon").await?;
         let mut config = cellmon_ingest::Config {
-            redis_url: stack.redis.url().into(),
             classes: vec![ClassToken {
                 class_id,
                 token: token.clone().into(),
@@ -77,14 +76,13 @@ impl LocalSystem {
             open_class: Some(class_id),
             ..cellmon_ingest::Config::default()
         };
+        config.redis.url = stack.redis.url().into();
         config.spool.dir = spool_dir.clone();
-        let persister_config = cellmon_persister::Config {
-            redis_url: stack.redis.url().into(),
-            postgres_url: database_url.clone().into(),
-            influx_url: stack.influx.url(),
-            influx_database: "cellmon".into(),
-            ..cellmon_persister::Config::default()
-        };
+        let mut persister_config = cellmon_persister::Config::default();
+        persister_config.redis.url = stack.redis.url().into();
+        persister_config.postgres.url = database_url.clone().into();
+        persister_config.influx.url = stack.influx.url();
+        persister_config.influx.database = "cellmon".into();
         // The schema first: the gateway reads it from its first request on.
         let pool = cellmon_store::pg::pool(&cellmon_store::pg::PgConfig {
             url: database_url.clone(),

@@ -103,6 +103,8 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status(), Json(body)).into_response();
         let retry_after = match &self {
+            // Whole seconds: a wait under one still says 1, since 0 would
+            // invite the retry at once.
             Self::RateLimited(wait) => Some(wait.as_secs().max(1)),
             Self::Unavailable | Self::Overloaded => Some(1),
             _ => None,

@@ -204,7 +204,7 @@ async fn drain(mut body: Body) {
 /// the decoded limit (a gzip bomb stops at the limit, not at the end).
 async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let max = state.config.max_body_bytes;
-    let timeout = std::time::Duration::from_millis(state.config.body_timeout_ms);
+    let timeout = state.config.body_timeout;
     let mut body = body;
     let mut raw = Vec::new();
     let read = tokio::time::timeout(timeout, async {

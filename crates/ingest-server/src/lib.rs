@@ -31,7 +31,6 @@ mod redis_watch;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +44,7 @@ use axum::routing::{get, post};
 use cellmon_bus::handoff::Accepting;
 use cellmon_bus::spool::{SpoolConfig, SpoolError};
 use cellmon_bus::{Handoff, Producer, ProducerConfig, PublishError, StreamKeys};
+use cellmon_service::{Invalid, Settings as _};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use secrecy::ExposeSecret as _;
 use tokio::net::TcpListener;
@@ -78,8 +78,9 @@ impl std::fmt::Debug for AppState {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
-    Config(&'static str),
+    /// A configuration built in code that loading would have refused.
+    #[error(transparent)]
+    Config(#[from] Invalid),
     #[error("bad Redis URL")]
     RedisUrl(#[source] PublishError),
     #[error("cannot open the spool in {}", .dir.display())]
@@ -107,18 +108,16 @@ impl StartError {
 }
 
 impl AppState {
-    /// Opens the spool (locking its directory, recovering what a crash
-    /// left) and builds the shared state. Redis need not be up: the
-    /// producer connects on first use.
+    /// Checks `config` as loading does, opens the spool (locking its
+    /// directory, recovering what a crash left) and builds the shared
+    /// state. Redis need not be up: the producer connects on first use.
     pub async fn new(config: Config, metrics: Metrics) -> Result<Self, StartError> {
-        if let Some(problem) = config.problem() {
-            return Err(StartError::Config(problem));
-        }
+        config.validate()?;
         let producer = Producer::new(
-            config.redis_url.expose_secret(),
+            config.redis.url.expose_secret(),
             ProducerConfig {
-                keys: StreamKeys::new(config.stream_prefix.clone(), config.stream_shards),
-                timeout: config.redis_timeout(),
+                keys: StreamKeys::new(config.redis.prefix.clone(), config.stream_shards),
+                timeout: config.redis.timeout,
             },
         )
         .map_err(StartError::RedisUrl)?;
@@ -133,12 +132,9 @@ impl AppState {
                 dir: config.spool.dir.clone(),
                 source,
             })?;
-        // `problem()` has refused zeros.
-        let per_second = NonZeroU32::new(config.rate_limit.per_second)
-            .ok_or(StartError::Config("rate_limit.per_second is 0"))?;
-        let burst = NonZeroU32::new(config.rate_limit.burst)
-            .ok_or(StartError::Config("rate_limit.burst is 0"))?;
-        let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
+        let quota =
+            Quota::per_second(config.rate_limit.per_second).allow_burst(config.rate_limit.burst);
+        let limiter = RateLimiter::keyed(quota);
         Ok(Self {
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
             tokens: Arc::new(Tokens::from_config(&config)),
@@ -221,10 +217,11 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
 }
 
 /// Serves the events API until `shutdown` resolves, then drains in-flight
-/// requests and, for up to `spool.drain_on_shutdown_ms`, the spool.
+/// requests and, for up to `spool.drain_on_shutdown`, the spool.
 ///
-/// A spool directory another process holds fails with a
-/// [`cellmon_service::BadSetting`] (the binary exits with status 64).
+/// A setting that loading would have refused, or a spool directory
+/// another process holds, fails with a [`cellmon_service::BadSetting`]
+/// (the binary exits with status 64).
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -274,7 +271,7 @@ pub async fn serve(
     while tasks.join_next().await.is_some() {}
     // In-flight requests are done; hand what the spool holds to Redis while
     // the grace period lasts. The rest waits on disk for the next start.
-    let grace = Duration::from_millis(state.config.spool.drain_on_shutdown_ms);
+    let grace = state.config.spool.drain_on_shutdown;
     state.handoff.drain(std::time::Instant::now() + grace).await;
     tracing::info!(
         left_in_spool = state.handoff.spool().pending(),

@@ -1,8 +1,9 @@
 //! `ingest-server`: loads the configuration and serves.
 //!
 //! Configuration: defaults, then the TOML file named by `--config FILE` or
-//! `CELLMON_INGEST_CONFIG`, then `CELLMON_INGEST_*` variables. A bad
-//! configuration exits with status 64 and says what is wrong.
+//! `CELLMON_INGEST_CONFIG`, then `CELLMON_INGEST_*` variables, checked
+//! once. A bad configuration exits with status 64 and prints
+//! `ingest-server: bad configuration: <key>: <reason>`.
 
 use std::process::ExitCode;
 
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
             docs: "CELLMON_INGEST_* in docs/ingest.md",
         },
         Config::load,
-        |config| config.listen,
+        |config| config.listen.addr,
         serve,
     )
 }

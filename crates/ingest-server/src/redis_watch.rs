@@ -4,8 +4,6 @@
 //! and logged; the server goes on (streams are recreated by the next XADD,
 //! consumer groups by the persisters).
 
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
@@ -14,7 +12,7 @@ use crate::AppState;
 pub(crate) async fn run(state: AppState, stop: CancellationToken) {
     let producer = state.handoff.producer();
     let mut known: Option<String> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(state.config.redis_watch_ms));
+    let mut tick = tokio::time::interval(state.config.redis_watch);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

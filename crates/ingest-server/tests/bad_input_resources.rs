@@ -31,9 +31,9 @@ async fn bad_input_answers_fast_and_memory_stays_bounded() -> anyhow::Result<()>
         .local_addr()?
         .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
-        .env("CELLMON_INGEST_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
-        .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
+        .env("CELLMON_INGEST_LISTEN__ADDR", format!("127.0.0.1:{port}"))
+        .env("CELLMON_INGEST_REDIS__URL", backends.redis_url())
+        .env("CELLMON_INGEST_REDIS__PREFIX", backends.redis_prefix())
         .env("CELLMON_INGEST_OPEN_CLASS", ClassId::random().to_string())
         .env("CELLMON_INGEST_RATE_LIMIT__PER_SECOND", "100000")
         .env("CELLMON_INGEST_RATE_LIMIT__BURST", "100000")

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use cellmon_bus::StreamKeys;
 use cellmon_domain::lms::ClassId;
-use cellmon_ingest::config::RateLimit;
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::proxy::Fault;
 use serde_json::{Value, json};
@@ -16,15 +15,12 @@ use serde_json::{Value, json};
 mod common;
 
 use common::{
-    Ingest, assert_stored_exactly, cell_executed, load, metric, post, stream_events, uuid,
+    Ingest, assert_stored_exactly, cell_executed, limit, load, metric, post, stream_events, uuid,
 };
 
 /// No rate limit: for tests that send more than a classroom would.
 fn unlimited(config: &mut cellmon_ingest::Config) {
-    config.rate_limit = RateLimit {
-        per_second: 100_000,
-        burst: 100_000,
-    };
+    config.rate_limit = limit(100_000, 100_000);
 }
 
 #[tokio::test]
@@ -150,68 +146,18 @@ async fn raw(
     Ok((status, response.json().await?))
 }
 
+/// BAD-INPUT against the real hand-off: the refusals themselves, each
+/// status and code of `docs/ingest.md`, are the in-process table of
+/// `tests/requests.rs`; here the accepted items of a mixed batch, and only
+/// they, reach the stream exactly once, and the server stays fine.
 #[tokio::test]
 async fn bad_input() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let ingest = Ingest::start(&backends, unlimited).await?;
     let http = reqwest::Client::new();
     let url = ingest.events_url();
-    let code_of = |body: &Value| {
-        body["error"]["code"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    };
-
-    // Over the encoded limit.
-    let (status, body) = raw(&http, &url, vec![b' '; 2 * 1024 * 1024], None).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (413, "too_large".into()),
-        "{body}"
-    );
-    // 10,000-deep JSON.
-    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-    let (status, body) = raw(&http, &url, deep.into_bytes(), None).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (400, "bad_request".into()),
-        "{body}"
-    );
-    // A gzip bomb: 64 MB of zeros in a few kilobytes.
-    let bomb = gzip(&vec![b'0'; 64 * 1024 * 1024])?;
-    assert!(bomb.len() < 1024 * 1024);
-    let (status, body) = raw(&http, &url, bomb, Some("gzip")).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (413, "too_large".into()),
-        "{body}"
-    );
-    // Invalid UTF-8.
-    let (status, body) = raw(&http, &url, b"[{\"userName\":\"\xff\xfe\"}]".to_vec(), None).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (400, "malformed_json".into()),
-        "{body}"
-    );
-    // Unknown encoding.
-    let (status, body) = raw(&http, &url, b"[]".to_vec(), Some("br")).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (415, "unsupported_encoding".into()),
-        "{body}"
-    );
-    // No token, wrong token.
     let no_token = format!("{}/api/v1/events", ingest.url);
-    let (status, body) = post(&http, &no_token, &json!([cell_executed("a@b.jp", 1)])).await?;
-    assert_eq!((status, code_of(&body)), (401, "unauthorized".into()));
-    let (status, _) = post(
-        &http,
-        &format!("{no_token}?token=nope"),
-        &json!([cell_executed("a@b.jp", 1)]),
-    )
-    .await?;
-    assert_eq!(status, 401);
+
     // A repeated or odd query string: the first token counts.
     let odd = format!("{no_token}?token={}&token=x&%zz", ingest.token);
     let (status, body) = post(&http, &odd, &json!([cell_executed("a@b.jp", 1)])).await?;
@@ -257,15 +203,6 @@ async fn bad_input() -> anyhow::Result<()> {
     assert_eq!(body["rejected"][2]["field"], "code");
     assert_eq!(body["rejected"][3]["field"], "emailAddress");
 
-    // Nothing valid: 422 with the reasons.
-    let (status, body) = post(&http, &url, &json!([{ "eventType": "help" }])).await?;
-    assert_eq!(
-        (status, code_of(&body)),
-        (422, "nothing_valid".into()),
-        "{body}"
-    );
-    assert_eq!(body["rejected"][0]["field"], "emailAddress");
-
     // The server is still fine, and exactly the acknowledged events were
     // stored (compared as sets, eventually: under a loaded machine a slow
     // hand-off is spooled and reaches the stream a moment later).
@@ -284,10 +221,7 @@ async fn bad_input() -> anyhow::Result<()> {
 async fn rate_limit() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let ingest = Ingest::start(&backends, |c| {
-        c.rate_limit = RateLimit {
-            per_second: 2,
-            burst: 5,
-        }
+        c.rate_limit = limit(2, 5);
     })
     .await?;
     let noisy = reqwest::Client::new();
@@ -333,7 +267,7 @@ async fn rate_limit() -> anyhow::Result<()> {
 #[tokio::test]
 async fn redis_down_or_hung_events_are_spooled_then_replayed() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, |c| c.redis_timeout_ms = 300).await?;
+    let ingest = Ingest::start(&backends, |c| c.redis.timeout = Duration::from_millis(300)).await?;
     let http = reqwest::Client::new();
     let proxy = backends.stack.redis.proxy();
 
@@ -376,7 +310,7 @@ async fn redis_down_or_hung_events_are_spooled_then_replayed() -> anyhow::Result
 async fn spool_full() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let ingest = Ingest::start(&backends, |c| {
-        c.redis_timeout_ms = 200;
+        c.redis.timeout = Duration::from_millis(200);
         // Room for about 15 of these events.
         c.spool.max_bytes = 10 * 1024;
     })
@@ -434,8 +368,8 @@ async fn spool_corrupt() -> anyhow::Result<()> {
     let spool_dir = tempfile::tempdir()?;
     // A server spools 30 events while Redis is down, then stops.
     let mut first = Ingest::start_with_spool(&backends, spool_dir.path(), |c| {
-        c.redis_timeout_ms = 200;
-        c.spool.drain_on_shutdown_ms = 0;
+        c.redis.timeout = Duration::from_millis(200);
+        c.spool.drain_on_shutdown = Duration::ZERO;
     })
     .await?;
     backends.stack.redis.proxy().set_fault(Fault::Down);
@@ -489,11 +423,11 @@ async fn ingest_kill() -> anyhow::Result<()> {
     let spawn = |port: u16| -> anyhow::Result<tokio::process::Child> {
         Ok(
             tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
-                .env("CELLMON_INGEST_LISTEN", format!("127.0.0.1:{port}"))
-                .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
-                .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
+                .env("CELLMON_INGEST_LISTEN__ADDR", format!("127.0.0.1:{port}"))
+                .env("CELLMON_INGEST_REDIS__URL", backends.redis_url())
+                .env("CELLMON_INGEST_REDIS__PREFIX", backends.redis_prefix())
                 .env("CELLMON_INGEST_OPEN_CLASS", class.to_string())
-                .env("CELLMON_INGEST_REDIS_TIMEOUT_MS", "200")
+                .env("CELLMON_INGEST_REDIS__TIMEOUT", "200ms")
                 .env("CELLMON_INGEST_SPOOL__DIR", spool_dir.path())
                 .env("RUST_LOG", "warn")
                 .kill_on_drop(true)
@@ -526,7 +460,10 @@ async fn ingest_kill() -> anyhow::Result<()> {
     backends.stack.redis.proxy().clear();
     let _child = spawn(port)?;
     wait_live().await?;
-    let keys = StreamKeys::new(backends.redis_prefix(), 4);
+    let keys = StreamKeys::new(
+        backends.redis_prefix(),
+        cellmon_ingest::Config::default().stream_shards,
+    );
     let started = std::time::Instant::now();
     cellmon_testkit::eventually(Duration::from_secs(10), || async {
         let stored: HashSet<String> = stream_events(&backends.redis_url(), &keys)
@@ -623,21 +560,23 @@ async fn a_second_server_on_a_locked_spool_exits_64() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let spool_dir = tempfile::tempdir()?;
     let mut first = Ingest::start_with_spool(&backends, spool_dir.path(), |_| {}).await?;
-    let run_second = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_ingest-server"))
-            .env("CELLMON_INGEST_LISTEN", "127.0.0.1:0")
-            .env("CELLMON_INGEST_REDIS_URL", backends.redis_url())
-            .env("CELLMON_INGEST_STREAM_PREFIX", backends.redis_prefix())
-            .env("CELLMON_INGEST_SPOOL__DIR", spool_dir.path())
-            .env("RUST_LOG", "error")
-            .kill_on_drop(true)
-            .output()
-    };
-    let output = tokio::time::timeout(Duration::from_secs(30), run_second()).await??;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    let (redis_url, dir) = (backends.redis_url(), spool_dir.path().display().to_string());
+    let stderr = cellmon_testkit::process::refused_config(
+        std::path::Path::new(env!("CARGO_BIN_EXE_ingest-server")),
+        "CELLMON_INGEST_",
+        &[
+            ("CELLMON_INGEST_LISTEN__ADDR", "127.0.0.1:0"),
+            ("CELLMON_INGEST_REDIS__URL", &redis_url),
+            ("CELLMON_INGEST_REDIS__PREFIX", backends.redis_prefix()),
+            ("CELLMON_INGEST_SPOOL__DIR", &dir),
+            ("RUST_LOG", "error"),
+        ],
+    )
+    .await?;
     assert!(
-        stderr.contains(&spool_dir.path().display().to_string()) && stderr.contains("in use"),
+        stderr.contains("ingest-server: bad configuration: the setting `spool.dir` cannot be used")
+            && stderr.contains(&dir)
+            && stderr.contains("in use"),
         "{stderr}"
     );
     // The first one is unaffected.

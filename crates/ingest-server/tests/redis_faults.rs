@@ -87,8 +87,8 @@ fn percentile(mut values: Vec<Duration>, p: f64) -> Duration {
 async fn redis_kill() -> anyhow::Result<()> {
     let backends = TestBackends::private().await?;
     let ingest = Ingest::start(&backends, |c| {
-        c.redis_timeout_ms = 300;
-        c.redis_watch_ms = 100;
+        c.redis.timeout = Duration::from_millis(300);
+        c.redis_watch = Duration::from_millis(100);
     })
     .await?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -138,7 +138,7 @@ async fn redis_kill() -> anyhow::Result<()> {
 async fn redis_hang() -> anyhow::Result<()> {
     let backends = TestBackends::private().await?;
     let timeout = Duration::from_millis(300);
-    let ingest = Ingest::start(&backends, |c| c.redis_timeout_ms = 300).await?;
+    let ingest = Ingest::start(&backends, |c| c.redis.timeout = Duration::from_millis(300)).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let load = tokio::spawn(run_load(
@@ -201,8 +201,8 @@ async fn redis_hang() -> anyhow::Result<()> {
 async fn redis_amnesia() -> anyhow::Result<()> {
     let mut backends = TestBackends::private().await?;
     let ingest = Ingest::start(&backends, |c| {
-        c.redis_timeout_ms = 300;
-        c.redis_watch_ms = 100;
+        c.redis.timeout = Duration::from_millis(300);
+        c.redis_watch = Duration::from_millis(100);
     })
     .await?;
     let http = reqwest::Client::new();

@@ -39,7 +39,7 @@ use std::future::{Future, IntoFuture as _};
 use std::sync::Arc;
 
 use cellmon_bus::StreamKeys;
-use cellmon_service::BadSetting;
+use cellmon_service::{BadSetting, Invalid, Settings as _};
 use cellmon_store::influx::{InfluxConfig, InfluxError, InfluxWriter};
 use cellmon_store::{StoreError, pg};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -61,8 +61,9 @@ use crate::worker::Context;
 /// Why the persister could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
-    Config(&'static str),
+    /// A configuration built in code that loading would have refused.
+    #[error(transparent)]
+    Config(#[from] Invalid),
     #[error("bad Redis URL")]
     Redis(#[source] redis::RedisError),
     #[error("bad Postgres settings")]
@@ -77,16 +78,16 @@ impl StartError {
     fn into_anyhow(self) -> anyhow::Error {
         let setting = match self {
             Self::Config(_) => return BadSetting::settings(self).into(),
-            Self::Redis(_) => "redis_url",
-            Self::Postgres(_) => "postgres_url",
-            Self::Influx(_) => "influx_url",
+            Self::Redis(_) => "redis.url",
+            Self::Postgres(_) => "postgres.url",
+            Self::Influx(_) => "influx.url",
         };
         BadSetting::new(setting, self).into()
     }
 }
 
 /// Runs the persister until `shutdown` resolves, then lets the sinks finish
-/// the batch in hand for up to `shutdown_grace_ms`; whatever they have not
+/// the batch in hand for up to `shutdown_grace`; whatever they have not
 /// acknowledged stays pending in Redis for the next persister. Returns an
 /// error when a task stopped unexpectedly.
 pub async fn serve(
@@ -94,14 +95,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if let Some(problem) = config.problem() {
-        return Err(StartError::Config(problem).into_anyhow());
-    }
+    config
+        .validate()
+        .map_err(|e| StartError::from(e).into_anyhow())?;
     let config = Arc::new(config);
     let metrics = Metrics::new()?;
-    let keys = StreamKeys::new(config.stream_prefix.clone(), config.stream_shards);
-    let redis_timeout = Config::ms(config.redis_timeout_ms);
-    let redis = redis::Client::open(config.redis_url.expose_secret())
+    let keys = StreamKeys::new(config.redis.prefix.clone(), config.stream_shards);
+    let redis_timeout = config.redis.timeout;
+    let redis = redis::Client::open(config.redis.url.expose_secret())
         .map_err(|e| StartError::Redis(e).into_anyhow())?;
     // Shared by the status step, maintenance and readiness; lazy, so the
     // persister starts while Redis is down.
@@ -113,21 +114,22 @@ pub async fn serve(
             .set_number_of_retries(1),
     )
     .map_err(|e| StartError::Redis(e).into_anyhow())?;
-    let postgres_timeout = Config::ms(config.postgres_timeout_ms);
+    let postgres_timeout = config.postgres.timeout;
     let pool = pg::pool(&pg::PgConfig {
-        url: config.postgres_url.expose_secret().to_owned(),
-        max_connections: config.postgres_max_connections,
+        url: config.postgres.url.expose_secret().to_owned(),
+        max_connections: config.postgres.max_connections,
         timeout: postgres_timeout,
     })
     .map_err(|e| StartError::Postgres(e).into_anyhow())?;
     let influx = InfluxWriter::new(InfluxConfig {
-        url: config.influx_url.clone(),
-        database: config.influx_database.clone(),
+        url: config.influx.url.clone(),
+        database: config.influx.database.clone(),
         token: config
-            .influx_token
+            .influx
+            .token
             .as_ref()
             .map(|t| t.expose_secret().to_owned()),
-        timeout: Config::ms(config.influx_timeout_ms),
+        timeout: config.influx.timeout,
     })
     .map_err(|e| StartError::Influx(e).into_anyhow())?;
 
@@ -190,7 +192,7 @@ pub async fn serve(
         tracing::error!(why, "a persister task stopped unexpectedly; shutting down");
     }
     stop.cancel();
-    let grace = Config::ms(config.shutdown_grace_ms);
+    let grace = config.shutdown_grace;
     let stopped = tokio::time::timeout(grace, async {
         while let Some(ended) = tasks.join_next().await {
             if let Err(error) = ended {

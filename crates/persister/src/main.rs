@@ -1,8 +1,9 @@
 //! `persister`: loads the configuration and serves.
 //!
 //! Configuration: defaults, then the TOML file named by `--config FILE` or
-//! `CELLMON_PERSISTER_CONFIG`, then `CELLMON_PERSISTER_*` variables. A bad
-//! configuration exits with status 64 and says what is wrong.
+//! `CELLMON_PERSISTER_CONFIG`, then `CELLMON_PERSISTER_*` variables,
+//! checked once. A bad configuration exits with status 64 and prints
+//! `persister: bad configuration: <key>: <reason>`.
 
 use std::process::ExitCode;
 
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
             docs: "CELLMON_PERSISTER_* in docs/persister.md",
         },
         Config::load,
-        |config| config.listen,
+        |config| config.listen.addr,
         serve,
     )
 }

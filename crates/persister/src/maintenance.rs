@@ -28,7 +28,7 @@ const MAX_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct Maintenance {
     /// Its Redis calls are bounded by the connection's response timeout
-    /// (`redis_timeout_ms`).
+    /// (`redis.timeout`).
     pub(crate) redis: ConnectionManager,
     pub(crate) keys: StreamKeys,
     pub(crate) status: StatusPublisher,
@@ -40,9 +40,9 @@ impl Maintenance {
     /// Runs until `stop` is cancelled.
     #[tracing::instrument(name = "maintenance", skip_all)]
     pub(crate) async fn run(mut self, stop: CancellationToken) {
-        let trim_interval = Config::ms(self.config.trim_interval_ms);
+        let trim_interval = self.config.trim_interval;
         let mut next_trim = Instant::now() + trim_interval;
-        let sweep_interval = Config::ms(self.config.status_sweep_ms);
+        let sweep_interval = self.config.status_sweep;
         let mut next_sweep = Instant::now() + sweep_interval;
         loop {
             self.refresh_backlogs().await;

@@ -13,7 +13,7 @@
 //!
 //! While it writes a batch and while it waits to retry one, it keeps the
 //! entries claimed, so other persisters take over only a dead (or hung)
-//! consumer's entries, every `claim_interval_ms`, and entries delivered
+//! consumer's entries, every `claim_interval`, and entries delivered
 //! past `max_deliveries` go to the dead-letter stream untried: the rule of
 //! `cellmon_bus::consumer` ("The delivery limit").
 
@@ -48,10 +48,7 @@ pub(crate) struct Context {
 
 impl Context {
     fn backoff(&self) -> Backoff {
-        Backoff::new(
-            Config::ms(self.config.retry_initial_ms),
-            Config::ms(self.config.retry_max_ms),
-        )
+        Backoff::new(self.config.retry_initial, self.config.retry_max)
     }
 
     fn consumer_config(&self, group: &str) -> ConsumerConfig {
@@ -61,10 +58,10 @@ impl Context {
             group: group.to_owned(),
             consumer: format!("{group}-{}", self.consumer_name),
             batch_max: config.batch_max,
-            batch_wait: Config::ms(config.batch_wait_ms),
-            claim_idle: Config::ms(config.claim_idle_ms),
+            batch_wait: config.batch_wait,
+            claim_idle: config.claim_idle,
             max_deliveries: config.max_deliveries,
-            timeout: Config::ms(config.redis_timeout_ms),
+            timeout: config.redis.timeout,
         }
     }
 }
@@ -112,7 +109,7 @@ pub(crate) async fn run<S: Sink>(mut sink: S, health: Arc<SinkHealth>, context: 
         health: &health,
         name,
     };
-    let claim_interval = Config::ms(context.config.claim_interval_ms);
+    let claim_interval = context.config.claim_interval;
     // Claim at once: a restarted persister finds what its previous life left.
     let mut next_claim = Instant::now();
     while !stop.is_cancelled() {

@@ -72,7 +72,10 @@ async fn ten_thousand_events_from_100_students_agree() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dup_storm() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
-    let ingest = Ingest::start(&backends, |config| config.redis_timeout_ms = 300).await?;
+    let ingest = Ingest::start(&backends, |config| {
+        config.redis.timeout = Duration::from_millis(300)
+    })
+    .await?;
     let persister = Persister::start(&backends, |_| {}).await?;
     let events: Vec<Value> = (0..600).map(|n| classroom_event(n % 30, n)).collect();
     let mut ledger = Ledger::new();
@@ -318,20 +321,23 @@ impl PersisterProcess {
             .local_addr()?
             .port();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
-            .env("CELLMON_PERSISTER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("CELLMON_PERSISTER_REDIS_URL", backends.redis_url())
-            .env("CELLMON_PERSISTER_STREAM_PREFIX", backends.redis_prefix())
-            .env("CELLMON_PERSISTER_REDIS_TIMEOUT_MS", "3000")
-            .env("CELLMON_PERSISTER_POSTGRES_URL", backends.pg_url())
-            .env("CELLMON_PERSISTER_POSTGRES_TIMEOUT_MS", "30000")
-            .env("CELLMON_PERSISTER_INFLUX_URL", backends.influx_url())
             .env(
-                "CELLMON_PERSISTER_INFLUX_DATABASE",
+                "CELLMON_PERSISTER_LISTEN__ADDR",
+                format!("127.0.0.1:{port}"),
+            )
+            .env("CELLMON_PERSISTER_REDIS__URL", backends.redis_url())
+            .env("CELLMON_PERSISTER_REDIS__PREFIX", backends.redis_prefix())
+            .env("CELLMON_PERSISTER_REDIS__TIMEOUT", "3s")
+            .env("CELLMON_PERSISTER_POSTGRES__URL", backends.pg_url())
+            .env("CELLMON_PERSISTER_POSTGRES__TIMEOUT", "30s")
+            .env("CELLMON_PERSISTER_INFLUX__URL", backends.influx_url())
+            .env(
+                "CELLMON_PERSISTER_INFLUX__DATABASE",
                 backends.influx_database(),
             )
-            .env("CELLMON_PERSISTER_BATCH_WAIT_MS", "20")
-            .env("CELLMON_PERSISTER_CLAIM_IDLE_MS", "1000")
-            .env("CELLMON_PERSISTER_CLAIM_INTERVAL_MS", "250")
+            .env("CELLMON_PERSISTER_BATCH_WAIT", "20ms")
+            .env("CELLMON_PERSISTER_CLAIM_IDLE", "1s")
+            .env("CELLMON_PERSISTER_CLAIM_INTERVAL", "250ms")
             .env(
                 "RUST_LOG",
                 std::env::var("PERSISTER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -509,10 +515,16 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
     let ordered = Ingest::start(&ordered_backends, |_| {}).await?;
     let _ordered_persister = Persister::start(&ordered_backends, |_| {}).await?;
     let shuffled = Ingest::start(&shuffled_backends, |_| {}).await?;
-    let _shuffled_persister = Persister::start(&shuffled_backends, |c| c.batch_max = 4).await?;
+    let _shuffled_persister = Persister::start(&shuffled_backends, |c| {
+        c.batch_max = const { std::num::NonZeroUsize::new(4).unwrap() }
+    })
+    .await?;
     // The shuffled deployment has a second persister: two consumers per
     // group, committing the same students' events in parallel.
-    let second = Persister::start(&shuffled_backends, |c| c.batch_max = 4).await?;
+    let second = Persister::start(&shuffled_backends, |c| {
+        c.batch_max = const { std::num::NonZeroUsize::new(4).unwrap() }
+    })
+    .await?;
 
     let start = time::OffsetDateTime::now_utc() - time::Duration::minutes(4);
     let at = |secs: i64| {
@@ -662,10 +674,10 @@ async fn shuffled_and_replayed_events_give_the_same_status() -> anyhow::Result<(
 async fn a_persister_that_cannot_run_stops_the_process() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
-        .env("CELLMON_PERSISTER_LISTEN", "127.0.0.1:0")
-        .env("CELLMON_PERSISTER_REDIS_URL", backends.redis_url())
-        .env("CELLMON_PERSISTER_STREAM_PREFIX", backends.redis_prefix())
-        .env("CELLMON_PERSISTER_POSTGRES_URL", "not a url")
+        .env("CELLMON_PERSISTER_LISTEN__ADDR", "127.0.0.1:0")
+        .env("CELLMON_PERSISTER_REDIS__URL", backends.redis_url())
+        .env("CELLMON_PERSISTER_REDIS__PREFIX", backends.redis_prefix())
+        .env("CELLMON_PERSISTER_POSTGRES__URL", "not a url")
         .env("RUST_LOG", "error")
         .kill_on_drop(true)
         .output();
@@ -706,7 +718,8 @@ async fn retries_without_event_time_are_one_event() -> anyhow::Result<()> {
 async fn a_student_who_stops_goes_idle_on_the_live_channel() -> anyhow::Result<()> {
     let backends = TestBackends::shared().await?;
     let ingest = Ingest::start(&backends, |_| {}).await?;
-    let persister = Persister::start(&backends, |c| c.status_sweep_ms = 300).await?;
+    let persister =
+        Persister::start(&backends, |c| c.status_sweep = Duration::from_millis(300)).await?;
     let now =
         time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
     let event = serde_json::json!({
@@ -822,22 +835,27 @@ async fn readiness_is_503_naming_the_sink_while_postgres_is_down() -> anyhow::Re
 }
 
 /// A setting that cannot work is refused at load: the binary exits with
-/// status 64 and names it.
+/// status 64 and names it (more cases in `tests/settings.rs`).
 #[tokio::test]
 async fn a_persister_with_an_unusable_setting_exits_64() -> anyhow::Result<()> {
     for (key, value, named) in [
         ("CELLMON_PERSISTER_BATCH_MAX", "0", "batch_max"),
         ("CELLMON_PERSISTER_MAX_DELIVERIES", "0", "max_deliveries"),
     ] {
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_persister"))
-            .env("CELLMON_PERSISTER_LISTEN", "127.0.0.1:0")
-            .env(key, value)
-            .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(Duration::from_secs(30), output).await??;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(64), "{key}: {stderr}");
-        assert!(stderr.contains(named), "{key}: {stderr}");
+        let stderr = cellmon_testkit::process::refused_config(
+            std::path::Path::new(env!("CARGO_BIN_EXE_persister")),
+            "CELLMON_PERSISTER_",
+            &[
+                ("CELLMON_PERSISTER_LISTEN__ADDR", "127.0.0.1:0"),
+                (key, value),
+            ],
+        )
+        .await?;
+        let line = format!("persister: bad configuration: {named}: ");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&line)),
+            "{key}: {stderr}"
+        );
     }
     Ok(())
 }

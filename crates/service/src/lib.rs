@@ -27,7 +27,7 @@ use std::process::ExitCode;
 
 pub use backends::{InfluxSettings, ListenSettings, PostgresSettings, RedisSettings};
 pub use bearer::bearer;
-pub use settings::{ConfigError, Invalid, Settings, check, duration, load, load_config};
+pub use settings::{ConfigError, Invalid, Settings, check, duration, load};
 
 /// The exit status of a bad configuration or command line (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
@@ -123,17 +123,15 @@ pub struct Binary {
 /// The whole `main` of a server binary: logging, `--config FILE` (or the
 /// binary's config variable), `load`, a multi-threaded runtime, a listener
 /// on `listen(&config)`, and `serve` until SIGINT or SIGTERM. `load` is
-/// usually [`load`]`::<Config>`, or figment's loading alone; either way a
-/// refusal is printed one key per line and exits with
-/// [`EXIT_BAD_CONFIG`].
-pub fn run<C, E, Fut>(
+/// [`load`]`::<Config>` (or a wrapper of it); a refusal is printed one key
+/// per line and exits with [`EXIT_BAD_CONFIG`].
+pub fn run<C, Fut>(
     binary: Binary,
-    load: impl FnOnce(Option<&Path>) -> Result<C, E>,
+    load: impl FnOnce(Option<&Path>) -> Result<C, ConfigError>,
     listen: impl FnOnce(&C) -> SocketAddr,
     serve: impl FnOnce(C, tokio::net::TcpListener, Shutdown) -> Fut,
 ) -> ExitCode
 where
-    E: Into<ConfigError>,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     init_tracing();
@@ -159,7 +157,7 @@ where
     let config = match load(file.as_deref()) {
         Ok(config) => config,
         Err(error) => {
-            for problem in error.into().problems() {
+            for problem in error.problems() {
                 eprintln!("{name}: bad configuration: {problem}");
             }
             return ExitCode::from(EXIT_BAD_CONFIG);

@@ -11,6 +11,10 @@
 //! [`Invalid`] keys with reasons, which [`crate::run`] prints before it
 //! exits with [`crate::EXIT_BAD_CONFIG`].
 //!
+//! A count that what it feeds cannot take at 0 (a number of shards, a
+//! rate) may be typed `NonZero*`: 0 is then refused as it is read, with
+//! the same "must be at least 1" as [`check::at_least_one`] gives.
+//!
 //! Durations are written the way people say them (`"500ms"`, `"5s"`,
 //! `"2m"`) in TOML and in variables alike, through [`duration`]
 //! (`#[serde(with = "cellmon_service::duration")]`), which writes them
@@ -48,30 +52,20 @@ pub trait Settings: Serialize + DeserializeOwned + Default {
 /// [`Settings::default`], then `file` when given, then the environment;
 /// then [`Settings::validate`].
 pub fn load<S: Settings>(file: Option<&Path>) -> Result<S, ConfigError> {
-    let settings = load_config(S::default(), file, S::ENV_PREFIX, S::NOT_SETTINGS)
-        .map_err(|error| ConfigError::unreadable(error, file))?;
-    settings.validate()?;
-    Ok(settings)
-}
-
-/// `defaults`, then `file` when given, then the variables starting with
-/// `env_prefix` except the `ignored` ones (lower case, without the prefix),
-/// without validation. Prefer [`load`]; this remains for configurations
-/// that do not implement [`Settings`] yet.
-pub fn load_config<T: Serialize + DeserializeOwned>(
-    defaults: T,
-    file: Option<&Path>,
-    env_prefix: &str,
-    ignored: &[&str],
-) -> Result<T, Box<figment::Error>> {
-    let mut figment = Figment::from(Serialized::defaults(defaults));
+    let mut figment = Figment::from(Serialized::defaults(S::default()));
     if let Some(file) = file {
         figment = figment.merge(Toml::file_exact(file));
     }
-    figment
-        .merge(Env::prefixed(env_prefix).ignore(ignored).split("__"))
+    let settings: S = figment
+        .merge(
+            Env::prefixed(S::ENV_PREFIX)
+                .ignore(S::NOT_SETTINGS)
+                .split("__"),
+        )
         .extract()
-        .map_err(Box::new)
+        .map_err(|error| ConfigError::unreadable(Box::new(error), file))?;
+    settings.validate()?;
+    Ok(settings)
 }
 
 /// One setting that cannot be used: its dotted key and why.
@@ -136,12 +130,6 @@ impl ConfigError {
     }
 }
 
-impl From<Box<figment::Error>> for ConfigError {
-    fn from(error: Box<figment::Error>) -> Self {
-        Self::unreadable(error, None)
-    }
-}
-
 impl ConfigError {
     /// Figment's errors, each as a key and a reason; a problem with the
     /// file as a whole (missing, not TOML) is named by the file.
@@ -191,6 +179,13 @@ fn from_figment(error: &figment::Error, file: Option<&Path>) -> Invalid {
             if expected == "a duration" =>
         {
             format!("{kind}, such as 500ms, 5s or 2m")
+        }
+        // A count typed `NonZero*` (because what it feeds cannot take 0)
+        // is refused as it is read; said as `check::at_least_one` says it.
+        Kind::InvalidValue(figment::error::Actual::Unsigned(0), expected)
+            if expected.starts_with("a nonzero ") =>
+        {
+            "must be at least 1".to_owned()
         }
         kind => kind.to_string(),
     };
@@ -283,6 +278,29 @@ pub mod check {
         }
     }
 
+    /// `value` must be at least as long as the setting `other` (the
+    /// longest pause of a backoff and its first).
+    pub fn not_shorter_than(
+        key: &str,
+        value: Duration,
+        other_key: &str,
+        other: Duration,
+    ) -> Result<(), Invalid> {
+        if value >= other {
+            Ok(())
+        } else {
+            let format = humantime_serde::re::humantime::format_duration;
+            Err(Invalid::new(
+                key,
+                format!(
+                    "must not be shorter than {other_key} ({}), not {}",
+                    format(other),
+                    format(value)
+                ),
+            ))
+        }
+    }
+
     /// A secret that must be set (a URL, a signing key).
     pub fn secret_set(key: &str, value: &SecretString) -> Result<(), Invalid> {
         if value.expose_secret().trim().is_empty() {
@@ -333,6 +351,7 @@ mod tests {
         redis: RedisSettings,
         postgres: PostgresSettings,
         queue: usize,
+        shards: std::num::NonZeroU16,
         #[serde(with = "crate::duration")]
         heartbeat: Duration,
         #[serde(with = "crate::duration")]
@@ -348,6 +367,7 @@ mod tests {
                 },
                 postgres: PostgresSettings::default(),
                 queue: 16,
+                shards: std::num::NonZeroU16::MIN,
                 heartbeat: Duration::from_secs(15),
                 idle_timeout: Duration::from_secs(45),
             }
@@ -471,6 +491,28 @@ mod tests {
     }
 
     #[test]
+    fn a_nonzero_count_is_refused_at_0_as_any_count_is() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DEMO_SHARDS", "0");
+            assert_eq!(
+                refusal(load::<Demo>(None)),
+                "shards: must be at least 1 (in DEMO_SHARDS)"
+            );
+            // Too large is not "at least 1".
+            jail.set_env("DEMO_SHARDS", "70000");
+            let problem = refusal(load::<Demo>(None));
+            assert!(
+                problem.starts_with("shards: invalid value unsigned int `70000`"),
+                "{problem}"
+            );
+            jail.set_env("DEMO_SHARDS", "3");
+            let demo = load::<Demo>(None).map_err(|e| e.to_string())?;
+            assert_eq!(demo.shards.get(), 3);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn a_missing_or_broken_file_is_refused() {
         figment::Jail::expect_with(|jail| {
             let missing = refusal(load::<Demo>(Some(Path::new("absent.toml"))));
@@ -532,5 +574,14 @@ mod tests {
         );
         assert!(check::optional_secret_set("token", None).is_ok());
         assert!(check::at_least_one("n", 1_u32).is_ok());
+        let (short, long) = (Duration::from_millis(100), Duration::from_secs(5));
+        assert!(check::not_shorter_than("retry_max", short, "retry_initial", short).is_ok());
+        assert!(check::not_shorter_than("retry_max", long, "retry_initial", short).is_ok());
+        assert_eq!(
+            check::not_shorter_than("retry_max", short, "retry_initial", long)
+                .unwrap_err()
+                .to_string(),
+            "retry_max: must not be shorter than retry_initial (5s), not 100ms"
+        );
     }
 }

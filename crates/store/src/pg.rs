@@ -23,6 +23,9 @@ use crate::ids;
 #[derive(Debug, Clone)]
 pub struct PgConfig {
     pub url: String,
+    /// At least 1. The binaries' `postgres.max_connections` is checked at
+    /// load (`cellmon_service::PostgresSettings` refuses 0), so it is used
+    /// as it is; a pool of 0 would time out every acquire.
     pub max_connections: u32,
     /// Longest wait for a connection, and for any one statement.
     pub timeout: Duration,
@@ -37,7 +40,7 @@ pub fn pool(config: &PgConfig) -> Result<PgPool, StoreError> {
         .options([("statement_timeout", timeout_ms.as_str())])
         .application_name("cellmon-persister");
     Ok(PgPoolOptions::new()
-        .max_connections(config.max_connections.max(1))
+        .max_connections(config.max_connections)
         .acquire_timeout(config.timeout)
         .connect_lazy_with(options))
 }

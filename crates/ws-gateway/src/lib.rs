@@ -170,7 +170,9 @@ pub fn state(config: Config, metrics: Metrics) -> anyhow::Result<AppState> {
             config.ticket_lifetime.as_secs(),
         ),
         hub: Arc::new(Hub::new(metrics.clone())),
-        keys: StreamKeys::new(config.redis.prefix.clone(), 1),
+        // Live channels and histories only: the number of event streams
+        // does not matter here.
+        keys: StreamKeys::new(config.redis.prefix.clone(), std::num::NonZeroU16::MIN),
         connections: Arc::new(Semaphore::new(config.max_connections)),
         config: Arc::new(config),
         pool,

@@ -27,29 +27,29 @@ async fn ingest(
 ) -> anyhow::Result<Ingest> {
     let spool = tempfile::tempdir()?;
     let mut config = cellmon_ingest::Config {
-        redis_url: backends.redis_url().into(),
-        stream_prefix: backends.redis_prefix().to_owned(),
         classes: vec![ClassToken {
             class_id: class,
             token: token.to_owned().into(),
         }],
         ..cellmon_ingest::Config::default()
     };
+    config.redis.url = backends.redis_url().into();
+    config.redis.prefix = backends.redis_prefix().to_owned();
+    config.redis.timeout = Duration::from_secs(10);
     config.spool.dir = spool.path().to_owned();
-    config.redis_timeout_ms = 10_000;
     let server = TestServer::start("ingest server", |listener, shutdown| {
         cellmon_ingest::serve(config, listener, shutdown)
     })
     .await?;
-    let persister_config = cellmon_persister::Config {
-        redis_url: backends.redis_url().into(),
-        stream_prefix: backends.redis_prefix().to_owned(),
-        postgres_url: backends.pg_url().into(),
-        influx_url: backends.influx_url(),
-        influx_database: backends.influx_database().to_owned(),
-        batch_wait_ms: 5,
+    let mut persister_config = cellmon_persister::Config {
+        batch_wait: Duration::from_millis(5),
         ..cellmon_persister::Config::default()
     };
+    persister_config.redis.url = backends.redis_url().into();
+    persister_config.redis.prefix = backends.redis_prefix().to_owned();
+    persister_config.postgres.url = backends.pg_url().into();
+    persister_config.influx.url = backends.influx_url();
+    persister_config.influx.database = backends.influx_database().to_owned();
     let persister = TestServer::start("persister", |listener, shutdown| {
         cellmon_persister::serve(persister_config, listener, shutdown)
     })

@@ -215,7 +215,8 @@ impl Student {
             }
             false
         } else {
-            self.cell = self.cell % behaviour.cells.max(1) + 1;
+            // At least 1 cell, as `LoadSpec` is checked.
+            self.cell = self.cell % behaviour.cells + 1;
             let fails = self.rng.f64() < behaviour.fresh_failure_chance();
             if fails && self.rng.f64() < behaviour.stuck_chance {
                 self.stuck_left = STUCK_RUNS;
@@ -280,7 +281,8 @@ impl Schedule {
         }
     }
 
-    /// `rate` cell runs per second over `students` students, evenly spaced.
+    /// `rate` cell runs per second over `students` students (at least 1,
+    /// as `LoadSpec` is checked), evenly spaced.
     pub fn rate(
         behaviour: Behaviour,
         rate: f64,
@@ -288,7 +290,7 @@ impl Schedule {
         duration: Duration,
         seed: u64,
     ) -> Self {
-        let students = (0..students.max(1))
+        let students = (0..students)
             .map(|n| Student::new(mix(seed, n), &behaviour))
             .collect();
         Self {

@@ -30,8 +30,9 @@ pub struct Dispatched {
 }
 
 /// Starts `send(arrival, scheduled)` for each arrival at `start +
-/// arrival.at`, at most `max_in_flight` at once, until `arrivals` ends or
-/// `limit` arrivals started; returns once all of them finished.
+/// arrival.at`, at most `max_in_flight` at once (at least 1, as
+/// `LoadSpec` is checked), until `arrivals` ends or `limit` arrivals
+/// started; returns once all of them finished.
 pub async fn dispatch<I, F, Fut>(
     start: Instant,
     arrivals: I,
@@ -44,7 +45,7 @@ where
     F: FnMut(Arrival, Instant) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
+    let permits = Arc::new(Semaphore::new(max_in_flight));
     let mut tasks = JoinSet::new();
     let mut done = Dispatched::default();
     for arrival in arrivals {

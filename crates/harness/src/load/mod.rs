@@ -110,6 +110,37 @@ pub struct LoadSpec {
     pub progress: bool,
 }
 
+impl LoadSpec {
+    /// Refuses, before anything starts, what would make a run hang or mean
+    /// nothing, so nothing past it clamps: counts of 0 (the flag that sets
+    /// each is named) and a run without phases.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.phases.is_empty(), "no phases to run");
+        anyhow::ensure!(
+            self.clients > 0,
+            "clients (--clients) must be at least 1: requests need an address to come from"
+        );
+        anyhow::ensure!(
+            self.max_in_flight > 0,
+            "max_in_flight (--max-in-flight) must be at least 1: with 0 nothing is ever sent"
+        );
+        anyhow::ensure!(
+            self.behaviour.cells > 0,
+            "behaviour.cells must be at least 1: students run cells of a notebook"
+        );
+        for phase in &self.phases {
+            let students = match *phase {
+                PhaseSpec::Students(n) | PhaseSpec::Rate { students: n, .. } => n,
+            };
+            anyhow::ensure!(
+                students > 0,
+                "a phase needs at least 1 student (--students, --rate-students)"
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for LoadSpec {
     fn default() -> Self {
         Self {
@@ -299,9 +330,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs the phases; returns the results and the ledger of every event.
 pub async fn run(spec: &LoadSpec) -> anyhow::Result<(RunResult, Ledger)> {
-    anyhow::ensure!(!spec.phases.is_empty(), "no phases to run");
+    spec.check()?;
     let run_id = format!("{:06x}", fastrand::u32(..0x100_0000));
-    let clients: Vec<reqwest::Client> = (1..=spec.clients.max(1))
+    let clients: Vec<reqwest::Client> = (1..=spec.clients)
         .map(|k| {
             reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -621,6 +652,8 @@ impl Progress {
         phase_start: Instant,
     ) -> Self {
         use std::io::IsTerminal as _;
+        // The bar counts whole seconds: a phase shorter than one still
+        // gets a bar of one.
         let total = spec.phase_duration.as_secs().max(1);
         let terminal = spec.progress && std::io::stderr().is_terminal();
         let bar = if terminal {
@@ -685,6 +718,42 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_count_of_0_is_refused_before_anything_runs() {
+        let good = LoadSpec::default();
+        good.check().expect("the defaults are runnable");
+        let refused = |spec: LoadSpec| spec.check().expect_err("refused").to_string();
+        let no_clients = refused(LoadSpec {
+            clients: 0,
+            ..LoadSpec::default()
+        });
+        assert!(
+            no_clients.starts_with("clients (--clients)"),
+            "{no_clients}"
+        );
+        let nothing_in_flight = refused(LoadSpec {
+            max_in_flight: 0,
+            ..LoadSpec::default()
+        });
+        assert!(
+            nothing_in_flight.starts_with("max_in_flight (--max-in-flight)"),
+            "{nothing_in_flight}"
+        );
+        let nobody = refused(LoadSpec {
+            phases: vec![PhaseSpec::Rate {
+                events_per_s: 10.0,
+                students: 0,
+            }],
+            ..LoadSpec::default()
+        });
+        assert!(nobody.contains("at least 1 student"), "{nobody}");
+        let no_phases = refused(LoadSpec {
+            phases: Vec::new(),
+            ..LoadSpec::default()
+        });
+        assert_eq!(no_phases, "no phases to run");
+    }
 
     #[test]
     fn only_this_machine_is_loaded() {

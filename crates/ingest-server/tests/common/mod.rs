@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use cellmon_bus::{StreamKeys, codec};
 use cellmon_domain::lms::ClassId;
-use cellmon_ingest::config::ClassToken;
+use cellmon_ingest::config::{ClassToken, RateLimit};
 use cellmon_ingest::{Config, serve};
+use cellmon_service::RedisSettings;
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::server::TestServer;
 use redis::AsyncCommands as _;
@@ -43,9 +44,15 @@ impl Ingest {
         let class_id = ClassId::random();
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         let mut config = Config {
-            redis_url: backends.redis_url().into(),
-            stream_prefix: backends.redis_prefix().to_owned(),
-            stream_shards: 4,
+            redis: RedisSettings {
+                url: backends.redis_url().into(),
+                prefix: backends.redis_prefix().to_owned(),
+                // Tests without faults must not spool because a shared CI
+                // machine was slow for a moment; fault tests set their own
+                // short timeouts.
+                timeout: Duration::from_secs(10),
+            },
+            stream_shards: std::num::NonZeroU16::try_from(4)?,
             classes: vec![ClassToken {
                 class_id,
                 token: token.clone().into(),
@@ -53,11 +60,8 @@ impl Ingest {
             ..Config::default()
         };
         config.spool.dir = spool_dir.to_owned();
-        // Tests without faults must not spool because a shared CI machine
-        // was slow for a moment; fault tests set their own short timeouts.
-        config.redis_timeout_ms = 10_000;
         tune(&mut config);
-        let keys = StreamKeys::new(config.stream_prefix.clone(), config.stream_shards);
+        let keys = StreamKeys::new(config.redis.prefix.clone(), config.stream_shards);
         let server = TestServer::start("ingest server", |listener, shutdown| {
             serve(config, listener, shutdown)
         })
@@ -92,6 +96,14 @@ impl Ingest {
             .into_iter()
             .map(|e| e.event.id.to_string())
             .collect())
+    }
+}
+
+/// `per_second` and `burst` requests per client address.
+pub(crate) fn limit(per_second: u32, burst: u32) -> RateLimit {
+    RateLimit {
+        per_second: per_second.try_into().expect("a test's rate is not 0"),
+        burst: burst.try_into().expect("a test's burst is not 0"),
     }
 }
 

@@ -3,15 +3,21 @@
 //! traffic, and the ledger check against both sinks.
 #![allow(dead_code)]
 
+use std::num::{NonZeroU16, NonZeroU32};
 use std::time::Duration;
 
 use cellmon_bus::StreamKeys;
 use cellmon_domain::lms::ClassId;
 use cellmon_ingest::config::ClassToken;
 use cellmon_persister::Config;
+use cellmon_service::{InfluxSettings, PostgresSettings, RedisSettings};
 use cellmon_testkit::fixture::TestBackends;
 use cellmon_testkit::server::TestServer;
 use serde_json::{Value, json};
+
+/// The event streams of every test: the ingest server's and the
+/// persister's must agree.
+pub(crate) const SHARDS: NonZeroU16 = NonZeroU16::new(4).unwrap();
 
 #[allow(unused_imports, reason = "not every test binary reads metrics")]
 pub(crate) use cellmon_testkit::server::metric;
@@ -37,23 +43,25 @@ impl Ingest {
         let class_id = ClassId::random();
         let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
         let mut config = cellmon_ingest::Config {
-            redis_url: backends.redis_url().into(),
-            stream_prefix: backends.redis_prefix().to_owned(),
-            stream_shards: 4,
+            redis: RedisSettings {
+                url: backends.redis_url().into(),
+                prefix: backends.redis_prefix().to_owned(),
+                // Not to spool because a shared CI machine was slow for a
+                // moment; tests that want the spool set a short timeout.
+                timeout: Duration::from_secs(10),
+            },
+            stream_shards: SHARDS,
             classes: vec![ClassToken {
                 class_id,
                 token: token.clone().into(),
             }],
-            // Not to spool because a shared CI machine was slow for a
-            // moment; tests that want the spool set a short timeout.
-            redis_timeout_ms: 10_000,
             ..cellmon_ingest::Config::default()
         };
-        config.rate_limit.per_second = 1_000_000;
-        config.rate_limit.burst = 1_000_000;
+        config.rate_limit.per_second = const { NonZeroU32::new(1_000_000).unwrap() };
+        config.rate_limit.burst = const { NonZeroU32::new(1_000_000).unwrap() };
         config.spool.dir = spool.path().to_owned();
         tune(&mut config);
-        let keys = StreamKeys::new(config.stream_prefix.clone(), config.stream_shards);
+        let keys = StreamKeys::new(config.redis.prefix.clone(), config.stream_shards);
         let server = TestServer::start("ingest server", |listener, shutdown| {
             cellmon_ingest::serve(config, listener, shutdown)
         })
@@ -81,22 +89,31 @@ impl Ingest {
 /// database and Redis prefix, with short timings so faults resolve
 /// quickly.
 pub(crate) fn persister_config(backends: &TestBackends) -> Config {
+    let timeout = Duration::from_secs(3);
     Config {
-        redis_url: backends.redis_url().into(),
-        stream_prefix: backends.redis_prefix().to_owned(),
-        stream_shards: 4,
-        postgres_url: backends.pg_url().into(),
-        influx_url: backends.influx_url(),
-        influx_database: backends.influx_database().to_owned(),
-        redis_timeout_ms: 3_000,
-        postgres_timeout_ms: 3_000,
-        influx_timeout_ms: 3_000,
-        batch_wait_ms: 20,
-        claim_idle_ms: 1_000,
-        claim_interval_ms: 250,
-        retry_initial_ms: 20,
-        retry_max_ms: 500,
-        trim_interval_ms: 200,
+        redis: RedisSettings {
+            url: backends.redis_url().into(),
+            prefix: backends.redis_prefix().to_owned(),
+            timeout,
+        },
+        stream_shards: SHARDS,
+        postgres: PostgresSettings {
+            url: backends.pg_url().into(),
+            timeout,
+            ..PostgresSettings::default()
+        },
+        influx: InfluxSettings {
+            url: backends.influx_url(),
+            database: backends.influx_database().to_owned(),
+            timeout,
+            ..InfluxSettings::default()
+        },
+        batch_wait: Duration::from_millis(20),
+        claim_idle: Duration::from_secs(1),
+        claim_interval: Duration::from_millis(250),
+        retry_initial: Duration::from_millis(20),
+        retry_max: Duration::from_millis(500),
+        trim_interval: Duration::from_millis(200),
         ..Config::default()
     }
 }
@@ -204,11 +221,15 @@ pub(crate) async fn send_all(
 ) -> anyhow::Result<()> {
     use cellmon_testkit::verify::Outcome;
     use futures_util::StreamExt as _;
+    anyhow::ensure!(
+        per_request > 0 && concurrency > 0,
+        "send_all sends at least one event per request, one request at a time"
+    );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()?;
     let results: Vec<(Vec<uuid::Uuid>, Outcome)> =
-        futures_util::stream::iter(events.chunks(per_request.max(1)))
+        futures_util::stream::iter(events.chunks(per_request))
             .map(|chunk| {
                 let http = http.clone();
                 let ids = event_ids(chunk);
@@ -222,7 +243,7 @@ pub(crate) async fn send_all(
                     (ids, outcome)
                 }
             })
-            .buffer_unordered(concurrency.max(1))
+            .buffer_unordered(concurrency)
             .collect()
             .await;
     for (ids, outcome) in results {
@@ -248,7 +269,7 @@ pub(crate) async fn verified(
     if !first.passes() {
         return Ok(first);
     }
-    let keys = StreamKeys::new(backends.redis_prefix(), 4);
+    let keys = StreamKeys::new(backends.redis_prefix(), SHARDS);
     let redis = redis::Client::open(backends.redis_url())?;
     let mut conn = redis::aio::ConnectionManager::new(redis).await?;
     loop {

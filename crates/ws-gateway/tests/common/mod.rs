@@ -59,7 +59,7 @@ impl Gateway {
         config.postgres.url = backends.pg_url().into();
         tune(&mut config);
         let verifier = Verifier::new(&config.jwt_secret, 0, config.ticket_lifetime.as_secs());
-        let keys = StreamKeys::new(config.redis.prefix.clone(), 1);
+        let keys = StreamKeys::new(config.redis.prefix.clone(), std::num::NonZeroU16::MIN);
         let state = cellmon_gateway::state(config, Metrics::new()?)?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
