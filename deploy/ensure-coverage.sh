@@ -3,9 +3,12 @@
 # llvm-profdata that read this rustc's profiles. Installs what is missing;
 # idempotent. Needs root when it has to install Debian's LLVM.
 #
-# Usage: deploy/ensure-coverage.sh [--print-env]
-#   --print-env  print `export LLVM_COV=...` and `export LLVM_PROFDATA=...`
-#                lines for cargo-llvm-cov
+# Usage: deploy/ensure-coverage.sh [--print-env | --cargo-llvm-cov-only]
+#   --print-env             print `export LLVM_COV=...` and
+#                           `export LLVM_PROFDATA=...` lines for cargo-llvm-cov
+#   --cargo-llvm-cov-only   install cargo-llvm-cov when missing, nothing else
+#                           (no root, no apt: scripts/test runs this in the
+#                           background while the engine and images install)
 #
 # rustc writes raw profiles in the format of the LLVM it is built on, and
 # that format changes between LLVM major versions. rustup's `llvm-tools` is
@@ -21,6 +24,30 @@ set -euo pipefail
 CARGO_LLVM_COV_VERSION=0.9.1
 
 log() { printf 'ensure-coverage: %s\n' "$*" >&2; }
+
+# Runs COMMAND... and logs how long it took: these are the minutes a fresh
+# machine pays before the first coverage run.
+timed() {
+  local what=$1 started
+  shift
+  started=$(date +%s)
+  "$@"
+  log "$what in $(($(date +%s) - started)) s"
+}
+
+# Compiles for about two minutes, mostly on one core.
+ensure_cargo_llvm_cov() {
+  if ! cargo llvm-cov --version >/dev/null 2>&1; then
+    log "installing cargo-llvm-cov $CARGO_LLVM_COV_VERSION"
+    timed "installed cargo-llvm-cov" \
+      cargo install --locked --quiet "cargo-llvm-cov@$CARGO_LLVM_COV_VERSION"
+  fi
+}
+
+if [ "${1:-}" = "--cargo-llvm-cov-only" ]; then
+  ensure_cargo_llvm_cov
+  exit 0
+fi
 
 rustc_info=$(rustc -vV)
 llvm_major=$(sed -n 's/^LLVM version: \([0-9]*\).*/\1/p' <<<"$rustc_info")
@@ -44,16 +71,6 @@ find_tools() {
     fi
   done
   return 1
-}
-
-# Runs COMMAND... and logs how long it took: these are the minutes a fresh
-# machine pays before the first coverage run.
-timed() {
-  local what=$1 started
-  shift
-  started=$(date +%s)
-  "$@"
-  log "$what in $(($(date +%s) - started)) s"
 }
 
 install_llvm() {
@@ -80,11 +97,7 @@ for tool in "$LLVM_COV" "$LLVM_PROFDATA"; do
   fi
 done
 
-if ! cargo llvm-cov --version >/dev/null 2>&1; then
-  log "installing cargo-llvm-cov $CARGO_LLVM_COV_VERSION"
-  timed "installed cargo-llvm-cov" \
-    cargo install --locked --quiet "cargo-llvm-cov@$CARGO_LLVM_COV_VERSION"
-fi
+ensure_cargo_llvm_cov
 
 if [ "${1:-}" = "--print-env" ]; then
   printf 'export LLVM_COV=%s\n' "$LLVM_COV"
