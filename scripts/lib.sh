@@ -19,8 +19,15 @@ use_backend_images() {
     && [ -n "${CELLMON_INFLUX_IMAGE:-}" ]; then
     return
   fi
-  local line assignment name env_lines
+  local env_lines
   env_lines=$(step "local backend images" bash deploy/local-images.sh --print-env)
+  export_unset "$env_lines"
+}
+
+# export_unset LINES: exports each `export NAME=VALUE` line of LINES whose
+# NAME is not set yet, so the caller's environment always wins.
+export_unset() {
+  local line assignment name
   while IFS= read -r line; do
     assignment=${line#export }
     name=${assignment%%=*}
@@ -28,5 +35,5 @@ use_backend_images() {
       export "${assignment?}"
       printf '    %s\n' "$assignment" >&2
     fi
-  done <<<"$env_lines"
+  done <<<"$1"
 }
