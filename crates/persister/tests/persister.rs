@@ -172,15 +172,18 @@ async fn influx_poison() -> anyhow::Result<()> {
     eprintln!("{}", verdict.summary());
     assert!(verdict.executions.duplicates.is_empty() && verdict.executions.extra.is_empty());
 
-    let text = persister.metrics().await?;
-    assert_eq!(
-        metric(
+    // The other points are written before the refused one is bisected out
+    // and dead-lettered, so the count may follow the verdict by a moment.
+    let text = cellmon_testkit::eventually(Duration::from_secs(10), || async {
+        let text = persister.metrics().await?;
+        let dead = metric(
             &text,
-            r#"cellmon_persist_dead_letters_total{sink="influx"}"#
-        ),
-        Some(1.0),
-        "{text}"
-    );
+            r#"cellmon_persist_dead_letters_total{sink="influx"}"#,
+        );
+        anyhow::ensure!(dead == Some(1.0), "dead letters {dead:?}:\n{text}");
+        Ok(text)
+    })
+    .await?;
     assert_eq!(
         metric(&text, r#"cellmon_persist_retries_total{sink="influx"}"#).unwrap_or(0.0),
         0.0,
