@@ -19,21 +19,6 @@ use serde_json::{Value, json};
 const ROUND: usize = 60;
 const PER_REQUEST: usize = 5;
 
-/// `docker restart`, run the way a person would: the real CLI, so nothing
-/// in this process is told.
-async fn docker_restart(id: &str) -> anyhow::Result<()> {
-    let output = tokio::process::Command::new("docker")
-        .args(["restart", id])
-        .output()
-        .await?;
-    anyhow::ensure!(
-        output.status.success(),
-        "docker restart {id}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
 /// A cell run of one of ten students whose addresses carry `marker`.
 fn event(marker: &str, n: usize) -> Value {
     json!({
@@ -91,7 +76,7 @@ async fn redis_restarted_by_hand(system: &LocalSystem) -> anyhow::Result<()> {
     let redis = &system.stack.redis;
     let container = redis.container().expect("the system owns its containers");
     let before = container.host_port().await?;
-    docker_restart(container.id()).await?;
+    cellmon_testkit::docker::restart_by_hand(container.id()).await?;
     let after = container.host_port().await?;
     assert_ne!(before, after, "Redis came back on the same host port");
 

@@ -241,3 +241,18 @@ impl Docker {
             .map_err(call("remove"))
     }
 }
+
+/// `docker restart ID`, run the way a person would: the real CLI, not the
+/// kit, so nothing in this process (no proxy, no fixture) is told.
+pub async fn restart_by_hand(id: &str) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new("docker")
+        .args(["restart", id])
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "docker restart {id}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}

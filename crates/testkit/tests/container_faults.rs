@@ -17,21 +17,6 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// How soon a backend restarted by hand must answer through its proxy again.
 const FOLLOW_BOUND: Duration = Duration::from_secs(5);
 
-/// `docker restart`, run the way a person would: the real CLI, not the
-/// kit, so nothing tells the proxies.
-async fn docker_restart(id: &str) -> anyhow::Result<()> {
-    let output = tokio::process::Command::new("docker")
-        .args(["restart", id])
-        .output()
-        .await?;
-    anyhow::ensure!(
-        output.status.success(),
-        "docker restart {id}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
 #[tokio::test]
 async fn backends_restarted_by_hand_are_reached_through_the_same_proxy_address()
 -> anyhow::Result<()> {
@@ -56,7 +41,7 @@ async fn backends_restarted_by_hand_are_reached_through_the_same_proxy_address()
         kind.probe(backend.addr()).await?;
         kind.probe(by_id.addr()).await?;
 
-        docker_restart(container.id()).await?;
+        cellmon_testkit::docker::restart_by_hand(container.id()).await?;
         let after = container.host_port().await?;
         assert_ne!(
             before,
