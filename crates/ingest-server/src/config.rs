@@ -182,8 +182,9 @@ mod tests {
     /// The one problem of a refused configuration, as `key: reason`.
     fn refusal(result: Result<Config, ConfigError>) -> String {
         let error = result.expect_err("refused");
-        assert_eq!(error.problems().len(), 1, "{error}");
-        error.problems()[0].to_string()
+        error
+            .only_problem()
+            .unwrap_or_else(|| panic!("not exactly one problem: {error}"))
     }
 
     #[test]

@@ -128,6 +128,15 @@ impl ConfigError {
             Self::Invalid(invalid) => std::slice::from_ref(invalid),
         }
     }
+
+    /// The problem, as `key: reason`, when there is exactly one (what a
+    /// test of one bad setting expects).
+    pub fn only_problem(&self) -> Option<String> {
+        match self.problems() {
+            [one] => Some(one.to_string()),
+            _ => None,
+        }
+    }
 }
 
 impl ConfigError {
