@@ -11,8 +11,8 @@ use uuid::Uuid;
 
 use crate::error::StoreError;
 
-/// The SHA-256 of a token, as stored in `classes.ingest_token_sha256`; the
-/// same digest ingest computes for a presented token.
+/// The SHA-256 of a token, as stored in `class_ingest_tokens`; the same
+/// digest ingest computes for a presented token.
 pub fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
@@ -23,10 +23,11 @@ fn stored_digest(token: Option<&str>) -> Option<[u8; 32]> {
     token.filter(|t| !t.is_empty()).map(token_digest)
 }
 
-/// Creates the class, or renames it and replaces its token: `None` (or an
-/// empty token) removes the token, so no request is attributed to the class
-/// by token any more. A token another class already has is refused (unique
-/// violation, a non-transient [`StoreError`]).
+/// Creates the class, or renames it and replaces its tokens: every token it
+/// had stops working at once, and `token` (if given and not empty) becomes
+/// its only one. A token another class already has is refused (unique
+/// violation, a non-transient [`StoreError`]). For a rotation that keeps
+/// the old token working for a while, see the control-plane API.
 pub async fn register(
     pool: &PgPool,
     class: ClassId,
@@ -34,30 +35,107 @@ pub async fn register(
     token: Option<&str>,
 ) -> Result<(), StoreError> {
     let digest = stored_digest(token);
+    let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO classes (id, name, ingest_token_sha256) VALUES ($1, $2, $3)
-         ON CONFLICT (id) DO UPDATE SET
-             name = EXCLUDED.name, ingest_token_sha256 = EXCLUDED.ingest_token_sha256",
+        "INSERT INTO classes (id, name) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name",
     )
     .bind(class.0)
     .bind(name)
-    .bind(digest.as_ref().map(<[u8; 32]>::as_slice))
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    sqlx::query("DELETE FROM class_ingest_tokens WHERE class_id = $1")
+        .bind(class.0)
+        .execute(&mut *tx)
+        .await?;
+    if let Some(digest) = digest {
+        sqlx::query("INSERT INTO class_ingest_tokens (token_sha256, class_id) VALUES ($1, $2)")
+            .bind(digest.as_slice())
+            .bind(class.0)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
-/// The class whose ingest token is `token`, if any.
+/// The class whose ingest token is `token`, if the token is still valid
+/// (not past the grace period of a rotation).
 pub async fn class_for_token(pool: &PgPool, token: &str) -> Result<Option<ClassId>, StoreError> {
     let Some(digest) = stored_digest(Some(token)) else {
         return Ok(None);
     };
-    let id: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM classes WHERE ingest_token_sha256 = $1")
-            .bind(digest.as_slice())
-            .fetch_optional(pool)
-            .await?;
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "SELECT class_id FROM class_ingest_tokens
+         WHERE token_sha256 = $1 AND (expires_at IS NULL OR expires_at > now())",
+    )
+    .bind(digest.as_slice())
+    .fetch_optional(pool)
+    .await?;
     Ok(id.map(ClassId))
+}
+
+/// Adds `token` as the class's newest ingest token and lets every older
+/// one work for `grace` more (an older token that already expires sooner
+/// keeps its earlier time), so extensions running in a lesson are not cut
+/// off. Returns false when there is no such class. A token any class
+/// already has is refused (unique violation).
+pub async fn rotate_token(
+    pool: &PgPool,
+    class: ClassId,
+    token: &str,
+    grace: std::time::Duration,
+) -> Result<bool, StoreError> {
+    let Some(digest) = stored_digest(Some(token)) else {
+        return Ok(false);
+    };
+    let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+    let mut tx = pool.begin().await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM classes WHERE id = $1 FOR UPDATE)")
+            .bind(class.0)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !exists {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE class_ingest_tokens
+         SET expires_at = LEAST(COALESCE(expires_at, 'infinity'),
+                                now() + make_interval(secs => $2::double precision / 1000))
+         WHERE class_id = $1",
+    )
+    .bind(class.0)
+    .bind(grace_ms)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO class_ingest_tokens (token_sha256, class_id) VALUES ($1, $2)")
+        .bind(digest.as_slice())
+        .bind(class.0)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// One valid ingest token: its digest, its class and when it stops
+/// working (none: until rotated).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TokenGrant {
+    pub token_sha256: Vec<u8>,
+    pub class_id: Uuid,
+    pub expires_at: Option<time::OffsetDateTime>,
+}
+
+/// Every ingest token still valid now (what ingest caches).
+pub async fn valid_tokens(pool: &PgPool) -> Result<Vec<TokenGrant>, StoreError> {
+    let grants = sqlx::query_as(
+        "SELECT token_sha256, class_id, expires_at FROM class_ingest_tokens
+         WHERE expires_at IS NULL OR expires_at > now()",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(grants)
 }
 
 /// Creates the instructor, or updates their e-mail and name. An e-mail

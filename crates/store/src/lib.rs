@@ -9,12 +9,14 @@
 //!   stored snapshot, instructor actions.
 //! * [`classes`]: classes, their ingest tokens (as digests) and who
 //!   teaches them.
+//! * [`audit`]: the audit log of admin and instructor actions.
 //! * [`messages`]: help conversations between an instructor and a student.
 //! * [`influx`]: line protocol for events and the v1 `/write` client.
 //! * [`ids`]: row keys derived from natural keys.
 //! * [`error`]: [`StoreError`], with [`StoreError::is_transient`] telling a
 //!   writer whether to retry or to set the input aside.
 
+pub mod audit;
 pub mod classes;
 pub mod error;
 pub mod ids;

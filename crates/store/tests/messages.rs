@@ -440,7 +440,7 @@ async fn classes_are_found_by_token_and_know_their_instructors() -> anyhow::Resu
 
     // Only digests are stored.
     let digest: Vec<u8> =
-        sqlx::query_scalar("SELECT ingest_token_sha256 FROM classes WHERE id = $1")
+        sqlx::query_scalar("SELECT token_sha256 FROM class_ingest_tokens WHERE class_id = $1")
             .bind(class_a.0)
             .fetch_one(&pool)
             .await?;
