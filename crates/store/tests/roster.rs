@@ -2,9 +2,10 @@
 
 use cellmon_domain::envelope::StreamEvent;
 use cellmon_domain::lms::ClassId;
+use cellmon_domain::status::Status;
 use cellmon_domain::{WireEvent, validate};
 use cellmon_store::roster::{self, Change, ImportCounts, ImportError};
-use cellmon_store::{classes, pg};
+use cellmon_store::{classes, pg, status};
 use cellmon_testkit::fixture::TestBackends;
 use sqlx::PgPool;
 use time::macros::datetime;
@@ -154,6 +155,22 @@ async fn an_enrolled_students_events_land_on_the_roster_row() -> anyhow::Result<
         roster::enroll(&pool, None, class, &entry).await?.1,
         Change::Unchanged
     );
+
+    // Before any event: in the dashboard snapshot as not started.
+    let snapshot = status::ClassSnapshot::lock(&pool, class)
+        .await?
+        .load()
+        .await?;
+    assert_eq!(snapshot.len(), 1);
+    assert_eq!(snapshot[0].0.id, student);
+    assert_eq!(
+        snapshot[0].0.name.as_ref().map(|n| n.as_str()),
+        Some("山田 花子")
+    );
+    assert_eq!(snapshot[0].1.status, Status::NotStarted);
+    let listed = status::class_status(&pool, class).await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].1.status, Status::NotStarted);
 
     let time = datetime!(2026-04-01 10:00 UTC);
     let wire = WireEvent {
