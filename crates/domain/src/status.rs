@@ -155,6 +155,9 @@ pub enum Status {
     Error,
     Active,
     Idle,
+    /// Enrolled on the roster but has sent no event yet. Never derived
+    /// from events: only the dashboard snapshot and the roster use it.
+    NotStarted,
 }
 
 /// A help request that is active now (its heartbeats have not lapsed).

@@ -195,6 +195,166 @@ pub async fn instructors_of(pool: &PgPool, class: ClassId) -> Result<Vec<Uuid>, 
     Ok(ids)
 }
 
+/// Most classes one page may hold.
+pub const MAX_CLASS_PAGE: i64 = 200;
+
+/// A class as the control plane shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassRecord {
+    /// The paging cursor.
+    pub id: Uuid,
+    pub name: String,
+    /// 1 to 255 (schema check).
+    pub consecutive_error_threshold: i16,
+    /// Above 0 (schema check).
+    pub idle_after_seconds: i32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+}
+
+/// The settings of a class to create, or the changes to make to one (a
+/// `None` keeps the stored value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClassSettings {
+    pub name: Option<String>,
+    pub consecutive_error_threshold: Option<i16>,
+    pub idle_after_seconds: Option<i32>,
+}
+
+const CLASS_COLUMNS: &str = "id, name, consecutive_error_threshold, idle_after_seconds, created_at";
+
+/// Creates class `id` with `settings` (a missing name is refused by the
+/// schema; missing numbers take the schema's defaults) and its audit entry
+/// `class.create`, in one transaction. Values outside the schema's limits
+/// are refused (check violation, a non-transient [`StoreError`]).
+pub async fn create_class(
+    pool: &PgPool,
+    actor: Option<Uuid>,
+    id: ClassId,
+    settings: &ClassSettings,
+) -> Result<ClassRecord, StoreError> {
+    let mut tx = pool.begin().await?;
+    let record = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO classes (id, name, consecutive_error_threshold, idle_after_seconds)
+         VALUES ($1, $2, coalesce($3, 3), coalesce($4, 300)) RETURNING {CLASS_COLUMNS}"
+    )))
+    .bind(id.0)
+    .bind(settings.name.as_deref())
+    .bind(settings.consecutive_error_threshold)
+    .bind(settings.idle_after_seconds)
+    .fetch_one(&mut *tx)
+    .await?;
+    crate::audit::record(&mut *tx, &class_entry(actor, "class.create", id)).await?;
+    tx.commit().await?;
+    Ok(record)
+}
+
+fn class_entry(
+    actor: Option<Uuid>,
+    action: &'static str,
+    class: ClassId,
+) -> crate::audit::AuditEntry<'static> {
+    crate::audit::AuditEntry {
+        actor,
+        action,
+        class: Some(class),
+        target: Some(class.0.to_string()),
+        detail: serde_json::json!({}),
+    }
+}
+
+/// The class, if it exists.
+pub async fn get_class(pool: &PgPool, id: ClassId) -> Result<Option<ClassRecord>, StoreError> {
+    let record = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {CLASS_COLUMNS} FROM classes WHERE id = $1"
+    )))
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?;
+    Ok(record)
+}
+
+/// Applies `changes` to the class, with an audit entry `class.update`;
+/// none when there is no such class.
+pub async fn update_class(
+    pool: &PgPool,
+    actor: Option<Uuid>,
+    id: ClassId,
+    changes: &ClassSettings,
+) -> Result<Option<ClassRecord>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let record: Option<ClassRecord> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE classes SET name = coalesce($2, name),
+             consecutive_error_threshold = coalesce($3, consecutive_error_threshold),
+             idle_after_seconds = coalesce($4, idle_after_seconds)
+         WHERE id = $1 RETURNING {CLASS_COLUMNS}"
+    )))
+    .bind(id.0)
+    .bind(changes.name.as_deref())
+    .bind(changes.consecutive_error_threshold)
+    .bind(changes.idle_after_seconds)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if record.is_some() {
+        crate::audit::record(&mut *tx, &class_entry(actor, "class.update", id)).await?;
+    }
+    tx.commit().await?;
+    Ok(record)
+}
+
+/// Deletes the class and everything of it (cascade), with an audit entry
+/// `class.delete`; false when there is no such class.
+pub async fn delete_class(
+    pool: &PgPool,
+    actor: Option<Uuid>,
+    id: ClassId,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query("DELETE FROM classes WHERE id = $1")
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        > 0;
+    if deleted {
+        crate::audit::record(&mut *tx, &class_entry(actor, "class.delete", id)).await?;
+    }
+    tx.commit().await?;
+    Ok(deleted)
+}
+
+/// Classes by id after `after` if given, at most `limit` (1 to
+/// [`MAX_CLASS_PAGE`]).
+pub async fn page_classes(
+    pool: &PgPool,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<ClassRecord>, StoreError> {
+    let records = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {CLASS_COLUMNS} FROM classes WHERE ($1::uuid IS NULL OR id > $1)
+         ORDER BY id LIMIT $2"
+    )))
+    .bind(after)
+    .bind(limit.clamp(1, MAX_CLASS_PAGE))
+    .fetch_all(pool)
+    .await?;
+    Ok(records)
+}
+
+/// Stops `instructor` teaching `class`; false when they did not.
+pub async fn unassign(pool: &PgPool, class: ClassId, instructor: Uuid) -> Result<bool, StoreError> {
+    let removed =
+        sqlx::query("DELETE FROM class_instructors WHERE class_id = $1 AND instructor_id = $2")
+            .bind(class.0)
+            .bind(instructor)
+            .execute(pool)
+            .await?
+            .rows_affected()
+            > 0;
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

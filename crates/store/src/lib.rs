@@ -10,6 +10,8 @@
 //! * [`classes`]: classes, their ingest tokens (as digests) and who
 //!   teaches them.
 //! * [`audit`]: the audit log of admin and instructor actions.
+//! * [`roster`]: enrolled students, the CSV import (all or nothing per
+//!   file) and the roster with each student's status.
 //! * [`messages`]: help conversations between an instructor and a student.
 //! * [`influx`]: line protocol for events and the v1 `/write` client.
 //! * [`ids`]: row keys derived from natural keys.
@@ -23,6 +25,7 @@ pub mod ids;
 pub mod influx;
 pub mod messages;
 pub mod pg;
+pub mod roster;
 pub mod status;
 
 pub use error::StoreError;

@@ -474,21 +474,31 @@ impl ClassSnapshot {
         Ok(Self { tx, class })
     }
 
-    /// Every student of the class that has a status, by id; releases the lock.
+    /// Every student of the class that has a status, and every enrolled
+    /// one that has sent nothing yet (as [`Status::NotStarted`]), by id;
+    /// releases the lock.
+    ///
+    /// [`Status::NotStarted`]: cellmon_domain::status::Status::NotStarted
     pub async fn load(mut self) -> Result<Vec<(StudentRef, StudentStatus)>, StoreError> {
         let rows: Vec<SnapshotRow> = sqlx::query_as(
             "SELECT s.id, s.student_key, s.name, t.name AS team, st.detail
-             FROM student_status st
-             JOIN students s ON s.id = st.student_id
+             FROM students s
+             LEFT JOIN student_status st ON st.student_id = s.id
              LEFT JOIN teams t ON t.id = s.team_id
-             WHERE st.class_id = $1 ORDER BY s.id",
+             WHERE s.class_id = $1
+               AND (st.student_id IS NOT NULL
+                    OR EXISTS (SELECT 1 FROM enrollments e WHERE e.student_id = s.id))
+             ORDER BY s.id",
         )
         .bind(self.class.0)
         .fetch_all(&mut *self.tx)
         .await?;
         self.tx.commit().await?;
         rows.into_iter()
-            .map(|row| Ok((row.student.into_ref()?, row.detail.0)))
+            .map(|row| {
+                let status = row.detail.map_or_else(not_started, |detail| detail.0);
+                Ok((row.student.into_ref()?, status))
+            })
             .collect()
     }
 }
@@ -497,7 +507,7 @@ impl ClassSnapshot {
 struct SnapshotRow {
     #[sqlx(flatten)]
     student: StudentRow,
-    detail: Json<StudentStatus>,
+    detail: Option<Json<StudentStatus>>,
 }
 
 /// The stored status of every student of a class.
@@ -505,20 +515,43 @@ pub async fn class_status(
     pool: &PgPool,
     class: ClassId,
 ) -> Result<Vec<(StudentId, StudentStatus)>, StoreError> {
+    // Enrolled students without a stored status have sent nothing yet:
+    // they are listed as not started.
     let rows: Vec<StatusRow> = sqlx::query_as(
-        "SELECT student_id, detail FROM student_status WHERE class_id = $1 ORDER BY student_id",
+        "SELECT s.id AS student_id, st.detail FROM students s
+         LEFT JOIN student_status st ON st.student_id = s.id
+         WHERE s.class_id = $1
+           AND (st.student_id IS NOT NULL
+                OR EXISTS (SELECT 1 FROM enrollments e WHERE e.student_id = s.id))
+         ORDER BY s.id",
     )
     .bind(class.0)
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|row| (StudentId(row.student_id), row.detail.0))
+        .map(|row| {
+            let status = row.detail.map_or_else(not_started, |detail| detail.0);
+            (StudentId(row.student_id), status)
+        })
         .collect())
+}
+
+/// The status of an enrolled student who has sent no event yet.
+fn not_started() -> StudentStatus {
+    StudentStatus {
+        status: cellmon_domain::status::Status::NotStarted,
+        help: Vec::new(),
+        significant_errors: Vec::new(),
+        last_execution_failed: false,
+        last_activity: None,
+        executions: 0,
+        failed_executions: 0,
+    }
 }
 
 #[derive(sqlx::FromRow)]
 struct StatusRow {
     student_id: Uuid,
-    detail: Json<StudentStatus>,
+    detail: Option<Json<StudentStatus>>,
 }
