@@ -160,11 +160,15 @@ pub fn router(state: AppState) -> Router {
             HeaderName::from_static("x-requested-with"),
         ])
         .max_age(Duration::from_secs(3600));
-    Router::new()
+    let mut routes = Router::new()
         .route("/api/v1/events", post(events::post_events))
         .route("/health/live", get(|| async { "ok" }))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/health/ready", get(ready));
+    // With `listen.metrics` set, metrics are served there only.
+    if state.config.listen.metrics.is_none() {
+        routes = routes.route("/metrics", get(render_metrics));
+    }
+    routes
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -192,7 +196,7 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn render_metrics(State(state): State<AppState>) -> Response {
     state.metrics.observe_spool(state.handoff.spool());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -259,6 +263,13 @@ pub async fn serve(
             limiter.shrink_to_fit();
         }
     });
+    let metrics_server = cellmon_service::metrics::serve_apart(
+        state.config.listen.metrics,
+        Router::new()
+            .route("/metrics", get(render_metrics))
+            .with_state(state.clone()),
+    )
+    .await?;
     tracing::info!(addr = %listener.local_addr()?, "ingest server listening");
     let result = axum::serve(
         listener,
@@ -277,6 +288,9 @@ pub async fn serve(
         left_in_spool = state.handoff.spool().pending(),
         "ingest server stopped"
     );
+    if let Some(server) = metrics_server {
+        server.stop().await;
+    }
     // The last handle on the spool: its directory is unlocked once this
     // returns, so a successor can open it at once.
     drop(state);

@@ -32,6 +32,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        cellmon_service::metrics::register_common(&registry, "ingest")?;
         let requests = IntCounterVec::new(
             Opts::new(
                 "cellmon_ingest_requests_total",

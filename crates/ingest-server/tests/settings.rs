@@ -77,3 +77,14 @@ async fn a_value_of_the_wrong_type_is_refused_by_name() -> anyhow::Result<()> {
     assert!(stderr.contains("such as 500ms, 5s or 2m"), "{stderr}");
     Ok(())
 }
+
+/// `/metrics` has the process metrics and the build info, on the main
+/// port, or only on `listen.metrics` when that is set.
+#[tokio::test]
+async fn metrics_have_process_and_build_info_and_can_listen_apart() -> anyhow::Result<()> {
+    let spool = tempfile::tempdir()?;
+    let spool_dir = spool.path().display().to_string();
+    let vars = [("CELLMON_INGEST_SPOOL__DIR", spool_dir.as_str())];
+    let binary = Path::new(env!("CARGO_BIN_EXE_ingest-server"));
+    cellmon_testkit::process::check_metrics_of_binary(binary, PREFIX, &vars, "ingest").await
+}

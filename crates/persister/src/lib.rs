@@ -171,8 +171,14 @@ pub async fn serve(
     tasks.spawn(maintenance.run(stop.clone()));
 
     let addr = listener.local_addr()?;
+    let metrics_apart = config.listen.metrics.is_some();
+    let metrics_server = cellmon_service::metrics::serve_apart(
+        config.listen.metrics,
+        http::metrics_router(metrics.clone()),
+    )
+    .await?;
     let http = tokio::spawn(
-        axum::serve(listener, http::router(readiness, metrics))
+        axum::serve(listener, http::router(readiness, metrics, metrics_apart))
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
@@ -207,6 +213,9 @@ pub async fn serve(
         tasks.shutdown().await;
     }
     let served = http.await;
+    if let Some(server) = metrics_server {
+        server.stop().await;
+    }
     pool.close().await;
     if let Some(why) = failure {
         anyhow::bail!("a persister task stopped unexpectedly: {why}");

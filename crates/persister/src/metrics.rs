@@ -27,6 +27,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        cellmon_service::metrics::register_common(&registry, "persister")?;
         let batch_size = HistogramVec::new(
             HistogramOpts::new("cellmon_persist_batch_events", "Events per written batch").buckets(
                 vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0],

@@ -88,3 +88,12 @@ async fn a_url_that_does_not_parse_is_refused_by_its_key() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// `/metrics` has the process metrics and the build info, on the main
+/// port, or only on `listen.metrics` when that is set. The persister
+/// starts with its backends down, so none is needed.
+#[tokio::test]
+async fn metrics_have_process_and_build_info_and_can_listen_apart() -> anyhow::Result<()> {
+    let binary = Path::new(env!("CARGO_BIN_EXE_persister"));
+    cellmon_testkit::process::check_metrics_of_binary(binary, PREFIX, &[], "persister").await
+}

@@ -137,6 +137,11 @@ impl InfluxSettings {
 pub struct ListenSettings {
     /// The address of the HTTP (and WebSocket) server, e.g. `0.0.0.0:8081`.
     pub addr: SocketAddr,
+    /// A separate address for `GET /metrics`, e.g. `127.0.0.1:9100`, so
+    /// metrics are not on the public port; unset (the default), the main
+    /// address serves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl ListenSettings {
@@ -144,6 +149,7 @@ impl ListenSettings {
     pub fn port(port: u16) -> Self {
         Self {
             addr: SocketAddr::from(([0, 0, 0, 0], port)),
+            metrics: None,
         }
     }
 }

@@ -8,6 +8,8 @@
 //! * [`backends`]: the settings written the same way by every binary:
 //!   [`RedisSettings`], [`PostgresSettings`], [`InfluxSettings`],
 //!   [`ListenSettings`];
+//! * [`metrics`]: the process metrics and `cellmon_build_info` every
+//!   binary registers, and the optional separate metrics listener;
 //! * [`bearer()`]: the one reading of `Authorization: Bearer`;
 //! * [`run`]: logging, arguments (`--config FILE`), the runtime, the
 //!   listener, and SIGINT/SIGTERM as the shutdown signal. A bad
@@ -17,6 +19,7 @@
 
 pub mod backends;
 mod bearer;
+pub mod metrics;
 pub mod settings;
 
 use std::future::Future;

@@ -174,6 +174,124 @@ pub async fn refused_config(
     }
 }
 
+/// How long a started binary may take to answer `/health/live`.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A port on 127.0.0.1 nothing listened on a moment ago, for a binary
+/// that takes its addresses from its settings.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+/// Checks a server binary's metrics the way Prometheus sees them: started
+/// with `vars` (plus `<prefix>LISTEN__ADDR` on a free port), its
+/// `/metrics` on the main port has the process metrics and
+/// `cellmon_build_info{service="<service>",...} 1`; started again with
+/// `<prefix>LISTEN__METRICS` on another port, that port serves them and the
+/// main port answers `/metrics` with 404 while it stays live. Needs no
+/// backend: every server starts while its backends are down.
+pub async fn check_metrics_of_binary(
+    program: &Path,
+    env_prefix: &str,
+    vars: &[(&str, &str)],
+    service: &str,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let main = format!("127.0.0.1:{}", free_port()?);
+    let listen = format!("{env_prefix}LISTEN__ADDR");
+    let mut with_main = vars.to_vec();
+    with_main.push((&listen, &main));
+    {
+        let _child = spawn(program, env_prefix, &with_main)?;
+        let text = wait_for_metrics(&http, &format!("http://{main}/metrics")).await?;
+        has_common_metrics(&text, service)?;
+    }
+    let apart = format!("127.0.0.1:{}", free_port()?);
+    let metrics_var = format!("{env_prefix}LISTEN__METRICS");
+    let main = format!("127.0.0.1:{}", free_port()?);
+    let mut with_apart = vars.to_vec();
+    with_apart.push((&listen, &main));
+    with_apart.push((&metrics_var, &apart));
+    let _child = spawn(program, env_prefix, &with_apart)?;
+    let text = wait_for_metrics(&http, &format!("http://{apart}/metrics")).await?;
+    has_common_metrics(&text, service)?;
+    let live = http
+        .get(format!("http://{main}/health/live"))
+        .send()
+        .await?
+        .status();
+    anyhow::ensure!(live.is_success(), "main port not live: {live}");
+    let on_main = http
+        .get(format!("http://{main}/metrics"))
+        .send()
+        .await?
+        .status();
+    anyhow::ensure!(
+        on_main == reqwest::StatusCode::NOT_FOUND,
+        "the main port still serves /metrics ({on_main})"
+    );
+    Ok(())
+}
+
+fn spawn(program: &Path, env_prefix: &str, vars: &[(&str, &str)]) -> anyhow::Result<Child> {
+    let mut command = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with(env_prefix) {
+            command.env_remove(&key);
+        }
+    }
+    Ok(command
+        .envs(vars.iter().map(|(k, v)| (OsStr::new(k), OsStr::new(v))))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+async fn wait_for_metrics(http: &reqwest::Client, url: &str) -> anyhow::Result<String> {
+    crate::eventually(START_DEADLINE, || async {
+        let response = http.get(url).send().await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{url}: {}",
+            response.status()
+        );
+        Ok(response.text().await?)
+    })
+    .await
+}
+
+fn has_common_metrics(text: &str, service: &str) -> anyhow::Result<()> {
+    let build_info = "cellmon_build_info{revision=".to_owned();
+    let line = text
+        .lines()
+        .find(|line| line.starts_with(&build_info))
+        .ok_or_else(|| anyhow::anyhow!("no cellmon_build_info in:\n{text}"))?;
+    anyhow::ensure!(
+        line.contains(&format!("service=\"{service}\""))
+            && line.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")))
+            && line.ends_with("} 1"),
+        "build info: {line}"
+    );
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        let value = crate::server::metric(text, name)
+            .ok_or_else(|| anyhow::anyhow!("no {name} in:\n{text}"))?;
+        anyhow::ensure!(value >= 0.0, "{name} = {value}");
+    }
+    let memory = crate::server::metric(text, "process_resident_memory_bytes").unwrap_or(0.0);
+    anyhow::ensure!(memory > 0.0, "resident memory {memory}");
+    Ok(())
+}
+
 /// The child's status once it exits, or `None` (after killing it) at the
 /// deadline.
 async fn wait(child: &mut Child, deadline: Duration) -> std::io::Result<Option<ExitStatus>> {

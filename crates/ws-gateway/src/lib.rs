@@ -92,7 +92,7 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The routes.
 pub fn router(state: AppState) -> Router {
     let student_messages = "/api/v1/classes/{class}/students/{student}/messages";
-    Router::new()
+    let routes = Router::new()
         .route("/ws", get(http::upgrade))
         .route("/api/v1/ws-ticket", post(http::ticket))
         .route(
@@ -111,8 +111,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/student/messages/read", post(http::student_read))
         .route("/api/v1/student/messages/unread", get(http::student_unread))
         .route("/health/live", get(|| async { "ok" }))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/health/ready", get(ready));
+    // With `listen.metrics` set, metrics are served there only.
+    let routes = if state.config.listen.metrics.is_none() {
+        routes.route("/metrics", get(metrics))
+    } else {
+        routes
+    };
+    routes
         // Bodies are small JSON; a request may not hold a connection (or
         // shutdown) for long. An upgraded socket is not a request any more.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -221,6 +227,13 @@ pub async fn serve_state(
     let stop = token.clone();
     let tracker = state.tracker.clone();
     let grace = state.config.shutdown_grace;
+    let metrics_server = cellmon_service::metrics::serve_apart(
+        state.config.listen.metrics,
+        Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(state.clone()),
+    )
+    .await?;
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -234,5 +247,8 @@ pub async fn serve_state(
         tracing::warn!("some sockets did not close in time");
     }
     let _ = pubsub.await;
+    if let Some(server) = metrics_server {
+        server.stop().await;
+    }
     Ok(served?)
 }

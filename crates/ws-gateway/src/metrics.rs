@@ -40,6 +40,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        cellmon_service::metrics::register_common(&registry, "gateway")?;
         let connections =
             IntGauge::new("cellmon_gateway_connections", "Open WebSocket connections")?;
         let subscriptions = IntGauge::new(

@@ -81,3 +81,12 @@ async fn no_secret_is_refused() -> anyhow::Result<()> {
     names(&stderr, "jwt_secret");
     Ok(())
 }
+
+/// `/metrics` has the process metrics and the build info, on the main
+/// port, or only on `listen.metrics` when that is set.
+#[tokio::test]
+async fn metrics_have_process_and_build_info_and_can_listen_apart() -> anyhow::Result<()> {
+    let vars = [("CELLMON_GATEWAY_JWT_SECRET", "a-secret")];
+    let binary = Path::new(env!("CARGO_BIN_EXE_ws-gateway"));
+    cellmon_testkit::process::check_metrics_of_binary(binary, PREFIX, &vars, "gateway").await
+}
